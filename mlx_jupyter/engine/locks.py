@@ -1,0 +1,270 @@
+"""Ranked locks, the lock-order checker ("lockdep") and the lock watchdog."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+# The whole lock order of the engine. A thread may only take a lock whose rank is
+# higher than the rank of every lock it already holds. Add new locks here, never inline.
+LOCK_RANKS: dict[str, int] = {
+    "activity_lock": 1,  # WorkerManager: leases, last use, keep-alive, expiry
+    "state_lock": 2,  # WorkerManager: registry, worker states, epochs, waiters
+    "routes_lock": 3,  # WorkerProcess: request id -> frame queue
+}
+
+MODES = ("validate", "observe", "off")
+
+
+class LockOrderViolation(RuntimeError):
+    """A lock was taken against the rank order, or a lock was held where none may be."""
+
+
+_mode = "off"
+_held = threading.local()
+# Learned order: edges between lock names, with the stack that first showed each edge.
+_graph: dict[str, dict[str, str]] = {}
+_graph_lock = threading.Lock()  # guards _graph; a leaf taken only inside this module
+_violations: list[str] = []
+# Every held or awaited ranked lock: id(entry) -> (thread, lock name, "held"|"waiting", since).
+_tracked: dict[tuple[int, int], tuple[threading.Thread, str, str, float]] = {}
+
+
+def set_mode(mode: str) -> None:
+    """Switch the checker mode: ``validate`` raises, ``observe`` logs, ``off`` does nothing."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"MLX_JUPYTER_LOCKDEP must be one of {', '.join(MODES)}, not {mode!r}")
+    _mode = mode
+
+
+def get_mode() -> str:
+    return _mode
+
+
+def violations() -> list[str]:
+    """Violations seen so far in any thread (tests fail the run when this is not empty)."""
+    return list(_violations)
+
+
+def clear_violations() -> None:
+    _violations.clear()
+
+
+def reset_graph() -> None:
+    """Forget the learned order (tests that build deliberately wrong orders use this)."""
+    with _graph_lock:
+        _graph.clear()
+
+
+def _stack() -> list[tuple[RankedLock, FrameType | None]]:
+    try:
+        return _held.stack
+    except AttributeError:
+        _held.stack = []
+        return _held.stack
+
+
+def _format_frame(frame: FrameType | None) -> str:
+    if frame is None:
+        return "    <unknown>\n"
+    return "".join(traceback.format_stack(frame, limit=12))
+
+
+def _report(message: str) -> None:
+    _violations.append(message)
+    log.error("lock order violation: %s", message)
+    if _mode == "validate":
+        raise LockOrderViolation(message)
+
+
+def _path(src: str, dst: str) -> list[str] | None:
+    """A path src -> ... -> dst in the learned graph (caller holds _graph_lock)."""
+    todo, seen = [[src]], {src}
+    while todo:
+        path = todo.pop()
+        for nxt in _graph.get(path[-1], {}):
+            if nxt == dst:
+                return [*path, nxt]
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append([*path, nxt])
+    return None
+
+
+class RankedLock:
+    """A non-reentrant lock with a rank from ``LOCK_RANKS``, checked before it blocks.
+
+    In ``off`` mode it costs one attribute check more than ``threading.Lock``; the
+    watchdog still sees how long it is waited on and held.
+    """
+
+    def __init__(self, name: str) -> None:
+        if name not in LOCK_RANKS:
+            raise ValueError(f"lock {name!r} has no rank: add it to LOCK_RANKS in locks.py")
+        self.name = name
+        self.rank = LOCK_RANKS[name]
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<RankedLock {self.name} rank={self.rank}>"
+
+    def _check(self, stack: list[tuple[RankedLock, FrameType | None]]) -> None:
+        here = sys._getframe(2)
+        for held, frame in stack:
+            if held is self:
+                _report(
+                    f"{self.name} taken again by the thread that holds it\n"
+                    f"  held at:\n{_format_frame(frame)}  taken again at:\n{_format_frame(here)}"
+                )
+            elif held.rank >= self.rank:
+                _report(
+                    f"{self.name} (rank {self.rank}) taken while holding {held.name} "
+                    f"(rank {held.rank}); the order is "
+                    + " -> ".join(sorted(LOCK_RANKS, key=LOCK_RANKS.__getitem__))
+                    + f"\n  {held.name} acquired at:\n{_format_frame(frame)}"
+                    f"  {self.name} requested at:\n{_format_frame(here)}"
+                )
+        for held, _frame in stack:
+            self._learn(held.name, here)
+
+    def _learn(self, before: str, here: FrameType) -> None:
+        with _graph_lock:
+            if self.name in _graph.get(before, {}):
+                return
+            cycle = _path(self.name, before)
+            where = _format_frame(here)
+            if cycle is None:
+                _graph.setdefault(before, {})[self.name] = where
+        if cycle is not None:
+            first = _graph.get(cycle[0], {}).get(cycle[1], "    <unknown>\n")
+            _report(
+                f"{before} -> {self.name} closes the cycle {' -> '.join(cycle)}\n"
+                f"  {' -> '.join(cycle[:2])} first seen at:\n{first}"
+                f"  {before} -> {self.name} now at:\n{where}"
+            )
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        stack = _stack()
+        if _mode != "off":
+            self._check(stack)
+            if _mode == "observe":
+                log.debug("acquire %s", self.name)
+        key = (threading.get_ident(), id(self))
+        _tracked[key] = (threading.current_thread(), self.name, "waiting", time.monotonic())
+        ok = self._lock.acquire(blocking, timeout)
+        if ok:
+            _tracked[key] = (threading.current_thread(), self.name, "held", time.monotonic())
+            stack.append((self, sys._getframe(1) if _mode != "off" else None))
+        else:
+            _tracked.pop(key, None)
+        return ok
+
+    def release(self) -> None:
+        stack = _stack()
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self:
+                del stack[i]
+                break
+        else:
+            if _mode != "off":
+                _report(f"{self.name} released by {threading.current_thread().name}, which does not hold it")
+        _tracked.pop((threading.get_ident(), id(self)), None)
+        if _mode == "observe":
+            log.debug("release %s", self.name)
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    __enter__ = acquire
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def held_locks() -> list[str]:
+    """Names of the ranked locks the calling thread holds, outermost first."""
+    return [lock.name for lock, _ in _stack()]
+
+
+def assert_no_locks_held(where: str) -> None:
+    """Mark a boundary (IPC, spawn, join, sleep, wait, yield) where no lock may be held."""
+    if _mode == "off":
+        return
+    stack = _stack()
+    if stack:
+        _report(
+            f"{', '.join(lock.name for lock, _ in stack)} held across {where}\n"
+            + "".join(f"  {lock.name} acquired at:\n{_format_frame(frame)}" for lock, frame in stack)
+        )
+
+
+def _mode_from_env() -> None:
+    set_mode(os.environ.get("MLX_JUPYTER_LOCKDEP", "off").strip().lower() or "off")
+
+
+_mode_from_env()
+
+
+def all_thread_stacks() -> str:
+    """Every thread's stack, as faulthandler would show it but with names."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = []
+    for ident, frame in sys._current_frames().items():
+        out.append(f"Thread {names.get(ident, ident)} ({ident}):\n{''.join(traceback.format_stack(frame))}")
+    return "\n".join(out)
+
+
+class LockWatchdog:
+    """Logs every thread's stack once when a ranked lock is waited on or held too long.
+
+    A hang is then never silent: ``on_stall`` (the manager marks itself degraded) runs
+    once per stall, and the watchdog re-arms when no lock is over the threshold.
+    """
+
+    def __init__(self, threshold: float, on_stall: Callable[[str], None], interval: float | None = None) -> None:
+        self.threshold = threshold
+        self.interval = interval if interval is not None else max(0.05, threshold / 4)
+        self._on_stall = on_stall
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mlx-lock-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def stalled(self) -> list[str]:
+        now = time.monotonic()
+        return [
+            f"{name} {what} by {thread.name} for {now - since:.1f}s"
+            for thread, name, what, since in list(_tracked.values())
+            if now - since > self.threshold
+        ]
+
+    def _run(self) -> None:
+        reported = False
+        while not self._stop.wait(self.interval):
+            stalls = self.stalled()
+            if stalls and not reported:
+                reported = True
+                summary = "; ".join(stalls)
+                log.error("lock watchdog: %s\n%s", summary, all_thread_stacks())
+                try:
+                    self._on_stall(summary)
+                except Exception:
+                    log.exception("lock watchdog callback failed")
+            elif not stalls:
+                reported = False

@@ -1,0 +1,448 @@
+"""Model references: the built-in tiny model, model_dirs folders, the HF cache."""
+
+from __future__ import annotations
+
+import ast
+import codecs
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlx_jupyter.engine.errors import (
+    InvalidModelError,
+    ModelLoadError,
+    ModelNotFoundError,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+    from tokenizers import Tokenizer
+
+BUILTIN_PREFIX = "builtin:"
+
+_LIST_HINT = "list the loadable models with GET mlx/api/models/available"
+_ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
+_HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_COMMIT_RE = re.compile(r"^[0-9a-fA-F]+$")
+# mlx-lm's own download patterns: everything it loads and nothing else.
+_DOWNLOAD_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.py",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A loadable model.
+
+    Args:
+        id: The model id as the user writes it (``builtin:tiny``, ``my-model``,
+            ``org/name``).
+        path: Folder with ``config.json``, the weights and the tokenizer.
+        source: ``"builtin"``, ``"dir"`` or ``"hf-cache"``.
+        size_bytes: Sum of the weight files' sizes; used for memory accounting.
+    """
+
+    id: str
+    path: Path
+    source: str
+    size_bytes: int
+
+
+def cache_dir() -> Path:
+    """Where mlx-jupyter keeps files it creates, such as the built-in models."""
+    if explicit := os.environ.get("MLX_JUPYTER_CACHE"):
+        return Path(explicit).expanduser()
+    if xdg := os.environ.get("XDG_CACHE_HOME"):
+        return Path(xdg).expanduser() / "mlx_jupyter"
+    return Path.home() / ".cache" / "mlx_jupyter"
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, found by huggingface_hub's own rule."""
+    # Read the environment on each call rather than huggingface_hub.constants,
+    # which freezes it at import time.
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub:
+        return Path(os.path.expandvars(hub)).expanduser()
+    if home := os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(home)).expanduser() / "hub"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.path.expandvars(xdg)).expanduser() / "huggingface" / "hub"
+
+
+def builtin_model_path(name: str = "tiny") -> Path:
+    """Return the folder of built-in model ``name``, creating it on first use.
+
+    Creation is atomic: the model is written to a temporary folder beside its
+    final place and renamed; when another thread or process wins that race, its
+    copy is used. The folder name carries a version, so a changed recipe builds a
+    fresh copy instead of reusing a stale one.
+    """
+    if name not in _BUILTINS:
+        known = ", ".join(sorted(_BUILTINS))
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-in models: {known}")
+    folder_name, write = _BUILTINS[name]
+    target = cache_dir() / "builtin" / folder_name
+    if not (target / "config.json").is_file():
+        _create_atomically(target, write)
+    return target
+
+
+def _create_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        # mkdtemp makes the folder private; the finished model is ordinary cache.
+        tmp.chmod(0o755)
+        os.rename(tmp, target)
+    except OSError:
+        # rename fails when the target already exists: someone else finished first.
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class ModelResolver:
+    """Turns model ids into loadable folders.
+
+    Ids are checked before any file is touched, so a request can never name a
+    path outside ``model_dirs`` and the Hugging Face cache. ``resolve`` may
+    download (when ``allow_downloads``), so never call it while holding a lock.
+    """
+
+    def __init__(
+        self,
+        model_dirs: Sequence[str | os.PathLike[str]] = (),
+        allow_downloads: bool = False,
+        hf_cache: Path | None = None,
+    ) -> None:
+        self._model_dirs = [Path(d).expanduser() for d in model_dirs]
+        self._allow_downloads = allow_downloads
+        self._hf_cache = hf_cache if hf_cache is not None else hf_hub_cache()
+
+    def resolve(self, model_id: str) -> ModelSpec:
+        """Return the model ``model_id`` names.
+
+        Raises:
+            InvalidModelError: The id looks like a path.
+            ModelNotFoundError: No model has this id.
+            ModelLoadError: The folder exists but holds no ``config.json``, or a
+                download failed.
+        """
+        _check_model_id(model_id)
+        if model_id.startswith(BUILTIN_PREFIX):
+            return self._resolve_builtin(model_id)
+        if "/" in model_id:
+            return self._resolve_hf(model_id)
+        return self._resolve_dir(model_id)
+
+    def available(self) -> list[ModelSpec]:
+        """Every model ``resolve`` accepts without downloading.
+
+        Built-in models first, then ``model_dirs`` folders, then the Hugging Face
+        cache, each group sorted by id.
+        """
+        builtins = [_spec(BUILTIN_PREFIX + name, builtin_model_path(name), "builtin") for name in sorted(_BUILTINS)]
+        dirs = sorted(self._dir_models(), key=lambda s: s.id)
+        hf = sorted(self._hf_models(), key=lambda s: s.id)
+        return builtins + dirs + hf
+
+    def _resolve_builtin(self, model_id: str) -> ModelSpec:
+        name = model_id[len(BUILTIN_PREFIX) :]
+        if name not in _BUILTINS:
+            known = ", ".join(BUILTIN_PREFIX + n for n in sorted(_BUILTINS))
+            raise ModelNotFoundError(f"unknown model {model_id!r}: built-in models are {known}; {_LIST_HINT}")
+        return _spec(model_id, builtin_model_path(name), "builtin")
+
+    def _resolve_dir(self, model_id: str) -> ModelSpec:
+        folders = [d / model_id for d in self._model_dirs if (d / model_id).is_dir()]
+        for folder in folders:
+            if (folder / "config.json").is_file():
+                return _spec(model_id, folder, "dir")
+        if folders:
+            raise ModelLoadError(
+                f"model {model_id!r} has no config.json at {folders[0]}; "
+                "a model folder needs config.json, the weights and the tokenizer"
+            )
+        raise ModelNotFoundError(
+            f"unknown model {model_id!r}: no folder of that name in model_dirs "
+            f"({_describe_dirs(self._model_dirs)}) and it is neither a built-in "
+            f"model nor a Hugging Face repo id; {_LIST_HINT}"
+        )
+
+    def _resolve_hf(self, repo_id: str) -> ModelSpec:
+        snapshot = _hf_snapshot(self._hf_cache, repo_id)
+        if snapshot is not None and (snapshot / "config.json").is_file():
+            return _spec(repo_id, snapshot, "hf-cache")
+        if self._allow_downloads:
+            return _spec(repo_id, self._download(repo_id), "hf-cache")
+        if snapshot is not None:
+            raise ModelLoadError(
+                f"model {repo_id!r} has no config.json at {snapshot}; the cached "
+                "snapshot is incomplete and downloads are disabled (allow_downloads)"
+            )
+        raise ModelNotFoundError(
+            f"unknown model {repo_id!r}: it is not in the local Hugging Face cache "
+            f"({self._hf_cache}) and downloads are disabled (allow_downloads); "
+            f"{_LIST_HINT}"
+        )
+
+    def _download(self, repo_id: str) -> Path:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            path = snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=self._hf_cache)
+        except RepositoryNotFoundError as exc:
+            raise ModelNotFoundError(
+                f"unknown model {repo_id!r}: no such Hugging Face repo, or it is gated or private ({exc}); {_LIST_HINT}"
+            ) from exc
+        except Exception as exc:
+            # Network, auth and disk failures all surface as the hub's own message.
+            raise ModelLoadError(f"downloading {repo_id!r} failed: {exc}") from exc
+        if not (Path(path) / "config.json").is_file():
+            raise ModelLoadError(f"model {repo_id!r} has no config.json at {path}; it is not a model mlx-lm can load")
+        return Path(path)
+
+    def _dir_models(self) -> Iterator[ModelSpec]:
+        seen: set[str] = set()
+        for model_dir in self._model_dirs:
+            for folder in _subfolders(model_dir):
+                # The first model_dirs entry wins, as in resolve().
+                if folder.name in seen or not (folder / "config.json").is_file():
+                    continue
+                seen.add(folder.name)
+                yield _spec(folder.name, folder, "dir")
+
+    def _hf_models(self) -> Iterator[ModelSpec]:
+        for repo_dir in _subfolders(self._hf_cache):
+            if not repo_dir.name.startswith("models--"):
+                continue
+            repo_id = repo_dir.name.removeprefix("models--").replace("--", "/", 1)
+            if not _HF_REPO_RE.match(repo_id):
+                continue
+            snapshot = _hf_snapshot(self._hf_cache, repo_id)
+            if snapshot is not None and (snapshot / "config.json").is_file():
+                yield _spec(repo_id, snapshot, "hf-cache")
+
+
+def _check_model_id(model_id: str) -> None:
+    """Refuse ids that look like paths, before anything touches the disk."""
+    reason = _path_like_reason(model_id)
+    if reason:
+        raise InvalidModelError(f"invalid model id {model_id!r}: {reason}; {_ID_RULES}")
+
+
+def _path_like_reason(model_id: str) -> str | None:
+    if not isinstance(model_id, str):
+        return "it is not a string"
+    if not model_id.strip():
+        return "it is empty"
+    if "\x00" in model_id or "\\" in model_id:
+        return "it contains a NUL or a backslash"
+    if model_id.startswith(("/", "~")) or os.path.isabs(model_id):
+        return "it is a path"
+    if model_id.count("/") > 1:
+        return "it has more than one '/'"
+    if any(part in (".", "..") for part in model_id.split("/")):
+        return "it has a '.' or '..' path segment"
+    if "/" in model_id and not _HF_REPO_RE.match(model_id):
+        return "it is not a valid Hugging Face repo id"
+    return None
+
+
+def _hf_snapshot(hf_cache: Path, repo_id: str) -> Path | None:
+    """The snapshot ``refs/main`` points at, else the newest one, else None."""
+    repo_dir = hf_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshots = repo_dir / "snapshots"
+    try:
+        commit = (repo_dir / "refs" / "main").read_text().strip()
+    except OSError:
+        commit = ""
+    if _COMMIT_RE.match(commit) and (snapshots / commit).is_dir():
+        return snapshots / commit
+    candidates = list(_subfolders(snapshots))
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def _subfolders(folder: Path) -> Iterator[Path]:
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return
+    yield from (entry for entry in entries if entry.is_dir())
+
+
+def _spec(model_id: str, path: Path, source: str) -> ModelSpec:
+    return ModelSpec(model_id, path, source, _weights_size(path))
+
+
+def _weights_size(folder: Path) -> int:
+    # stat() follows symlinks, so HF cache snapshots count their blobs' sizes.
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors") if p.is_file())
+
+
+def _describe_dirs(dirs: Sequence[Path]) -> str:
+    return ", ".join(str(d) for d in dirs) if dirs else "none configured"
+
+
+# --- the built-in tiny model -------------------------------------------------
+
+_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+_EOS = "<|endoftext|>"
+_TINY_VOCAB_SIZE = 384
+_TINY_CONTEXT = 512
+_TINY_SEED = 0
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _write_tiny(folder: Path) -> None:
+    """Write a random-weight llama that mlx-lm loads, byte-identical every time."""
+    tokenizer = _train_tokenizer()
+    config = _tiny_config(tokenizer)
+    _save_weights(_tiny_weights(config), folder / "model.safetensors")
+    _write_json(folder / "config.json", config)
+    (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config())
+    _write_json(
+        folder / "special_tokens_map.json",
+        {"bos_token": _EOS, "eos_token": _EOS, "pad_token": _EOS},
+    )
+
+
+def _zen_of_python() -> str:
+    # Parse this.py instead of importing it: the import prints to stdout, and
+    # redirecting sys.stdout is not thread-safe inside a server.
+    spec = importlib.util.find_spec("this")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("cannot build builtin:tiny: the stdlib module 'this' is missing")
+    tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "s":
+            return codecs.decode(ast.literal_eval(node.value), "rot13")
+    raise ModelLoadError("cannot build builtin:tiny: no text found in 'this'")
+
+
+def _train_tokenizer() -> Tokenizer:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # mlx-lm picks its streaming BPE detokenizer from this ByteLevel decoder.
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=_TINY_VOCAB_SIZE,
+        special_tokens=_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_zen_of_python()], trainer=trainer)
+    return tokenizer
+
+
+def _tiny_config(tokenizer: Tokenizer) -> dict[str, Any]:
+    eos_id = tokenizer.token_to_id(_EOS)
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "hidden_act": "silu",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "max_position_embeddings": _TINY_CONTEXT,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": "float32",
+    }
+
+
+def _tiny_weights(config: dict[str, Any]) -> dict[str, np.ndarray]:
+    import numpy as np
+
+    rng = np.random.default_rng(_TINY_SEED)
+    hidden = config["hidden_size"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    inner = config["intermediate_size"]
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inner, hidden),
+            p + "mlp.up_proj.weight": (inner, hidden),
+            p + "mlp.down_proj.weight": (hidden, inner),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    shapes["model.norm.weight"] = (hidden,)
+    # Draw in a fixed order so every run yields the same numbers.
+    return {
+        name: np.ones(shape, np.float32)
+        if name.endswith("norm.weight")
+        else (rng.standard_normal(shape) * 0.02).astype(np.float32)
+        for name, shape in shapes.items()
+    }
+
+
+def _save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(weights, str(path), metadata={"format": "mlx"})
+
+
+def _tokenizer_config() -> dict[str, Any]:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": _EOS,
+        "eos_token": _EOS,
+        "pad_token": _EOS,
+        # transformers 5 reads this v4 name too (as extra_special_tokens).
+        "additional_special_tokens": _SPECIAL_TOKENS[1:],
+        "model_max_length": _TINY_CONTEXT,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": _CHAT_TEMPLATE,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# name -> (versioned folder name, writer); bump the version when a recipe changes.
+_BUILTINS: dict[str, tuple[str, Callable[[Path], None]]] = {
+    "tiny": ("tiny-v1", _write_tiny),
+}

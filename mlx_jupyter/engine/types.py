@@ -1,0 +1,65 @@
+"""Response types of the engine's public API."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class GenerationChunk:
+    """One piece of a streamed answer.
+
+    Args:
+        text: the next segment of text (may be empty on the final chunk).
+        finish_reason: ``None`` until the final chunk, then ``"stop"``, ``"length"``
+            or ``"cancelled"``.
+        usage: on the final chunk, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``.
+        timings: on the final chunk, ``load_s``, ``ttft_s``, ``prompt_tps``,
+            ``generation_tps``, ``peak_memory_bytes``.
+    """
+
+    text: str
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    timings: dict[str, Any] | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A whole answer. Args: model, text, finish_reason, usage, timings (as on the final chunk)."""
+
+    model: str
+    text: str
+    finish_reason: str
+    usage: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelStatus:
+    """A snapshot of one resident model, the shape of ``GET mlx/api/models`` entries.
+
+    Args:
+        id: the model id.
+        state: ``starting``, ``ready``, ``draining`` or ``stopping``.
+        pid: the worker's process id (``None`` before it is spawned).
+        active_requests: leases held by requests now.
+        memory_bytes: model memory reported by the worker (the estimate while starting).
+        loaded_at, last_used_at: epoch seconds.
+        keep_alive_s: seconds the model stays after its last request; negative = forever.
+        expires_at: epoch seconds of the idle unload; ``None`` while busy or kept forever.
+    """
+
+    id: str
+    state: str
+    pid: int | None
+    active_requests: int
+    memory_bytes: int
+    loaded_at: float | None
+    last_used_at: float | None
+    keep_alive_s: float
+    expires_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,1 @@
+"""Kernel side: the %%mlx / %mlx magics, the REST client and the notebook widgets."""

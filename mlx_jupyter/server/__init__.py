@@ -1,0 +1,1 @@
+"""Jupyter server extension hosting one WorkerManager (REST and OpenAI-compatible APIs)."""

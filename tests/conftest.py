@@ -1,0 +1,51 @@
+"""Shared fixtures: lock checker in validate mode, managers that clean up, orphan checks."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import tempfile
+
+# Before the package is imported: the whole suite runs the checker in validate mode,
+# and the built-in model is built once per run in a private cache.
+os.environ["MLX_JUPYTER_LOCKDEP"] = "validate"
+os.environ.setdefault("MLX_JUPYTER_CACHE", tempfile.mkdtemp(prefix="mlx-jupyter-test-cache-"))
+
+import pytest
+
+from mlx_jupyter.engine import locks
+from mlx_jupyter.engine.manager import WorkerManager
+from tests.helpers import child_pids, wait_for
+
+faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+@pytest.fixture(autouse=True)
+def no_lock_violations():
+    """Any lock-order violation, in any thread, fails the test that caused it."""
+    locks.clear_violations()
+    yield
+    found = locks.violations()
+    locks.clear_violations()
+    assert not found, "lock order violations:\n" + "\n".join(found)
+
+
+@pytest.fixture
+def make_manager():
+    """Build WorkerManagers with short test deadlines; shut down and check for orphans after."""
+    made: list[WorkerManager] = []
+
+    def make(**kwargs) -> WorkerManager:
+        kwargs.setdefault("idle_timeout", 0)
+        kwargs.setdefault("queue_timeout", 30)
+        kwargs.setdefault("first_token_timeout", 30)
+        kwargs.setdefault("token_timeout", 10)
+        manager = WorkerManager(**kwargs)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.shutdown()
+    assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
