@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 # Before the package is imported: the whole suite runs the checker in validate mode,
 # and the built-in model is built once per run in a private cache.
@@ -16,6 +18,7 @@ import pytest
 
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
+from mlx_jupyter.engine.models import builtin_model_path
 from tests.helpers import child_pids, wait_for
 
 faulthandler.enable(file=sys.stderr, all_threads=True)
@@ -49,3 +52,12 @@ def make_manager():
     for manager in made:
         manager.shutdown()
     assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A model_dirs folder with two copies of the built-in model, ``tiny-a`` and ``tiny-b``."""
+    root = tmp_path_factory.mktemp("models")
+    for name in ("tiny-a", "tiny-b"):
+        shutil.copytree(builtin_model_path("tiny"), root / name)
+    return root

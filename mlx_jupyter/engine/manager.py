@@ -559,12 +559,18 @@ class WorkerManager:
         ended = False  # the worker is done with rid: a done or error frame arrived
         try:
             lease.worker.send({"op": p.OP_GENERATE, "request_id": rid, **request.worker_message()})
-            timeout, ttft = self.first_token_timeout, None
+            # Queued behind other requests, silence is judged per worker: any frame it
+            # sends proves progress. Once started, the first-token and then the
+            # between-token deadlines apply to this request alone.
+            started, ttft = False, None
             while True:
+                timeout = self.token_timeout if ttft is not None else self.first_token_timeout
                 assert_no_locks_held("waiting for a token")
                 try:
                     frame = frames.get(timeout=timeout)
                 except queue.Empty:
+                    if not started and time.monotonic() - lease.worker.last_frame_at < timeout:
+                        continue
                     what = "first token" if ttft is None else "next token"
                     message = (
                         f"worker for model {lease.record.spec.id!r} (pid {lease.worker.pid}) sent no {what} "
@@ -572,11 +578,14 @@ class WorkerManager:
                     )
                     self._kill(lease, message, WorkerTimeoutError.code)
                     raise WorkerTimeoutError(message) from None
+                if frame["type"] == p.T_STARTED:
+                    started = True
+                    continue
                 if frame["type"] != p.T_TOKEN:
                     ended = True
                     break
                 if ttft is None:
-                    ttft, timeout = time.perf_counter() - start, self.token_timeout
+                    ttft = time.perf_counter() - start
                 assert_no_locks_held("yield")
                 yield GenerationChunk(frame["text"])
         finally:

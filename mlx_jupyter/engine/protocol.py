@@ -17,6 +17,7 @@ OP_SHUTDOWN = "shutdown"
 # Worker -> parent frame types.
 T_HELLO = "hello"  # interpreter up, mlx imported
 T_LOADED = "loaded"  # model ready: memory_bytes, context_length, load_s
+T_STARTED = "started"  # the worker took the request off its queue
 T_TOKEN = "token"  # one chunk of text
 T_DONE = "done"  # request finished: finish_reason, usage, timings
 T_ERROR = "error"  # request failed: code, message

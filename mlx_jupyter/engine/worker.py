@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +49,7 @@ class WorkerProcess:
         self._stderr_tail: deque[str] = deque(maxlen=20)
         self._threads: list[threading.Thread] = []
         self.exited = threading.Event()
+        self.last_frame_at = time.monotonic()  # any frame proves the worker is making progress
 
     @property
     def pid(self) -> int | None:
@@ -218,6 +220,7 @@ class WorkerProcess:
         try:
             while True:
                 frame = p.read_frame(fd)
+                self.last_frame_at = time.monotonic()
                 with self._routes_lock:
                     frames = self._routes.get(frame.get("request_id", ""))
                 if frames is not None:

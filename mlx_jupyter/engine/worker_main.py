@@ -170,6 +170,10 @@ class Worker:
         if self.model is None:
             self.error(rid, "invalid_request", "no model is loaded in this worker")
             return
+        if rid in self.cancelled:  # the client left while the request was queued
+            self.error(rid, "cancelled", "the request was cancelled before it started")
+            return
+        self.out.send({"type": p.T_STARTED, "request_id": rid})
         start = time.perf_counter()
         tokens = self._prompt_tokens(msg)
         if not tokens:

@@ -1,0 +1,220 @@
+"""WorkerManager behaviour with real worker processes on the built-in tiny model."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
+from tests.helpers import pid_alive, wait_for
+
+TINY = "builtin:tiny"
+
+
+def test_generate_streams_text_then_a_final_chunk_with_usage_and_timings(make_manager):
+    manager = make_manager()
+    chunks = list(manager.stream_generate("Beautiful is better", model=TINY, max_tokens=8))
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    final = chunks[-1]
+    assert final.finish_reason in ("length", "stop")
+    assert final.usage["completion_tokens"] == 8 or final.finish_reason == "stop"
+    assert final.usage["total_tokens"] == final.usage["prompt_tokens"] + final.usage["completion_tokens"]
+    assert set(final.timings) >= {"load_s", "ttft_s", "prompt_tps", "generation_tps", "peak_memory_bytes"}
+    assert final.timings["load_s"] is not None, "the request that loaded the model reports the load time"
+    assert "".join(c.text for c in chunks)
+
+
+def test_seeded_generation_is_reproducible_and_greedy_matches_blocking(make_manager):
+    manager = make_manager()
+    a = manager.generate("Simple is", model=TINY, max_tokens=12, temperature=0.9, seed=7)
+    b = manager.generate("Simple is", model=TINY, max_tokens=12, temperature=0.9, seed=7)
+    assert a.text == b.text
+    streamed = "".join(c.text for c in manager.stream_generate("Simple is", model=TINY, max_tokens=12))
+    assert streamed == manager.generate("Simple is", model=TINY, max_tokens=12).text
+
+
+def test_chat_messages_use_the_chat_template(make_manager):
+    manager = make_manager()
+    result = manager.generate(messages=[{"role": "user", "content": "hello"}], model=TINY, max_tokens=4)
+    # <|user|>\nhello<|end|>\n<|assistant|>\n is longer than the bare prompt
+    assert result.usage["prompt_tokens"] > len(["hello"])
+    assert result.finish_reason in ("length", "stop")
+
+
+def test_stop_strings_end_the_answer_before_the_stop_text(make_manager):
+    manager = make_manager()
+    full = manager.generate("Beautiful is", model=TINY, max_tokens=20).text
+    stop = full[3:6]
+    cut = manager.generate("Beautiful is", model=TINY, max_tokens=20, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)]
+
+
+def test_two_requests_for_an_unloaded_model_start_one_load(make_manager):
+    manager = make_manager()
+    spawns = []
+    manager.hooks["load.before_spawn"] = lambda model: spawns.append(model)
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(manager.generate("a", model=TINY, max_tokens=2)))
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == 2
+    assert spawns == [TINY]
+
+
+def test_status_shows_ready_idle_model_with_its_deadline(make_manager):
+    manager = make_manager(idle_timeout=120)
+    before = time.time()
+    manager.load(TINY)
+    (status,) = manager.status()
+    assert status.id == TINY and status.state == "ready" and status.active_requests == 0
+    assert pid_alive(status.pid)
+    assert status.memory_bytes > 0
+    assert status.keep_alive_s == 120
+    assert before + 120 <= status.expires_at <= time.time() + 120
+
+
+def test_expires_at_is_null_while_busy_and_set_when_the_lease_ends(make_manager):
+    manager = make_manager(idle_timeout=60)
+    stream = manager.stream_generate("x", model=TINY, max_tokens=50)
+    next(stream)
+    (busy,) = manager.status()
+    assert busy.active_requests == 1 and busy.expires_at is None
+    for _ in stream:
+        pass
+    (idle,) = manager.status()
+    assert idle.active_requests == 0 and idle.expires_at is not None
+
+
+def test_status_never_waits_behind_a_generation(make_manager):
+    manager = make_manager()
+    stream = manager.stream_generate("x", model=TINY, max_tokens=200)
+    next(stream)  # the request holds its lease and the worker is mid-answer
+    seen = []
+    t = threading.Thread(target=lambda: seen.append((manager.status(), manager.health())))
+    t.start()
+    t.join(5)
+    assert seen, "status() blocked while a generation was in flight"
+    assert seen[0][0][0].active_requests == 1
+    assert seen[0][1]["active_requests"] == 1
+    stream.close()
+
+
+def test_keep_alive_negative_never_expires_and_zero_unloads_after_the_request(make_manager):
+    from mlx_jupyter.engine.reaper import IdleReaper
+
+    manager = make_manager(idle_timeout=300)
+    reaper = IdleReaper(manager)
+    reaper.start()
+    try:
+        manager.generate("x", model=TINY, max_tokens=2, keep_alive=-1)
+        (status,) = manager.status()
+        assert status.expires_at is None and status.keep_alive_s == -1
+        manager.generate("x", model=TINY, max_tokens=2, keep_alive=0)
+        assert wait_for(lambda: not manager.status(), timeout=5)
+    finally:
+        reaper.stop()
+
+
+def test_idle_timeout_zero_keeps_models_forever(make_manager):
+    manager = make_manager(idle_timeout=0)
+    manager.load(TINY)
+    (status,) = manager.status()
+    assert status.expires_at is None
+
+
+def test_lru_idle_model_is_evicted_to_make_room(make_manager, model_dir):
+    manager = make_manager(max_loaded_models=2, model_dirs=[str(model_dir)])
+    manager.load("tiny-a")
+    manager.load("tiny-b")
+    manager.generate("x", model="tiny-a", max_tokens=1)  # tiny-b is now least recently used
+    manager.load(TINY)
+    assert sorted(s.id for s in manager.status()) == [TINY, "tiny-a"]
+
+
+def test_a_busy_model_is_never_evicted_and_the_waiter_gets_all_models_busy(make_manager, model_dir):
+    manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=1.5)
+    stream = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    next(stream)
+    pid = manager.status()[0].pid
+    with pytest.raises(AllModelsBusyError, match="slots stayed busy"):
+        manager.load("tiny-b")
+    (status,) = manager.status()
+    assert status.id == "tiny-a" and status.pid == pid and status.state == "ready"
+    assert next(stream).finish_reason is None, "the busy model kept streaming"
+    stream.close()
+    manager.load("tiny-b")
+    assert [s.id for s in manager.status()] == ["tiny-b"]
+
+
+def test_a_waiting_request_for_another_model_is_served_before_later_requests_for_the_resident_one(
+    make_manager, model_dir
+):
+    manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=60)
+    busy = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    next(busy)  # tiny-a is busy and holds the only slot
+    order = []
+
+    def ask(model):
+        manager.generate("x", model=model, max_tokens=2)
+        order.append(model)
+
+    b = threading.Thread(target=ask, args=("tiny-b",))
+    b.start()
+    assert wait_for(lambda: len(manager._waiters) == 1, timeout=10)
+    late_a = threading.Thread(target=ask, args=("tiny-a",))
+    late_a.start()
+    # Without arrival order, this later request would take a lease on the resident
+    # tiny-a at once and keep it busy: a steady stream of them starves tiny-b.
+    late_a.join(1.5)
+    assert order == [], "a later request for the resident model jumped the queue"
+    busy.close()
+    b.join(30)
+    late_a.join(30)
+    assert order == ["tiny-b", "tiny-a"]
+
+
+def test_memory_limit_counts_loads_before_they_start(make_manager, model_dir):
+    manager = make_manager(max_loaded_models=5, model_dirs=[str(model_dir)])
+    size = manager.resolver.resolve("tiny-a").size_bytes
+    manager.memory_limit = int(size * 1.5)  # room for one tiny model, not two
+    manager.load("tiny-a")
+    manager.load("tiny-b")
+    assert [s.id for s in manager.status()] == ["tiny-b"]
+    manager.memory_limit = size // 2
+    with pytest.raises(MemoryLimitError, match="memory_limit"):
+        manager.load("tiny-a")
+
+
+def test_unload_stops_the_worker_and_unknown_unload_is_a_clear_error(make_manager):
+    manager = make_manager()
+    pid = manager.load(TINY).pid
+    manager.unload(TINY)
+    assert manager.status() == []
+    assert wait_for(lambda: not pid_alive(pid), timeout=5)
+    with pytest.raises(ModelNotFoundError, match="not loaded"):
+        manager.unload(TINY)
+
+
+def test_unload_waits_for_in_flight_requests_to_drain(make_manager):
+    manager = make_manager()
+    stream = manager.stream_generate("x", model=TINY, max_tokens=40)
+    next(stream)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (manager.unload(TINY), done.set()))
+    t.start()
+    assert wait_for(lambda: manager.status()[0].state == "draining", timeout=5)
+    assert not done.is_set()
+    rest = list(stream)
+    assert rest[-1].finish_reason == "length", "the draining request finished normally"
+    t.join(10)
+    assert done.is_set() and manager.status() == []
+    # a new request loads a fresh worker instead of reviving the drained one
+    assert manager.generate("x", model=TINY, max_tokens=1).finish_reason == "length"
