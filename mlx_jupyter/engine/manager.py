@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 Hook = Callable[..., None]
 
+REAP_RETRY_S = 1.0
+
 
 class State(enum.Enum):
     STARTING = "starting"
@@ -284,7 +286,10 @@ class WorkerManager:
                     self._stop(record)
                     reaped.append(record.spec.id)
             except Exception:
-                log.exception("idle unload of %s failed", record.spec.id)
+                log.exception("idle unload of %s failed; retrying in %gs", record.spec.id, REAP_RETRY_S)
+                with self._activity_lock, self._state_lock:
+                    if record.expires_at is not None:  # not a hot loop on a persistent failure
+                        record.expires_at = time.time() + REAP_RETRY_S
         return reaped
 
     def shutdown(self, timeout: float = 10.0) -> None:

@@ -1,0 +1,86 @@
+"""IdleReaper: deadline-driven sleeps, early wake-ups, and the re-check at commit."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+
+from mlx_jupyter.engine.reaper import IdleReaper
+from tests.helpers import wait_for
+
+TINY = "builtin:tiny"
+
+
+@pytest.fixture
+def reaped(make_manager):
+    """A manager with a running reaper; the reaper stops before the manager shuts down."""
+    reapers = []
+
+    def make(**kwargs):
+        manager = make_manager(**kwargs)
+        reaper = IdleReaper(manager)
+        reaper.start()
+        reapers.append(reaper)
+        return manager
+
+    yield make
+    for reaper in reapers:
+        reaper.stop()
+
+
+def test_reaper_unloads_within_a_second_of_the_deadline(reaped):
+    manager = reaped(idle_timeout=1)
+    deadline = manager.load(TINY).expires_at
+    assert wait_for(lambda: manager.status() == [], timeout=10, interval=0.01)
+    assert time.time() - deadline < 1.0
+
+
+def test_reaper_wakes_early_when_a_deadline_moves_closer(reaped):
+    manager = reaped(idle_timeout=0)
+    manager.load(TINY, keep_alive=3600)  # the reaper now sleeps for an hour
+    manager.generate("x", model=TINY, max_tokens=1, keep_alive=0.3)
+    assert wait_for(lambda: manager.status() == [], timeout=5), "the reaper slept through the new deadline"
+
+
+def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(reaped):
+    manager = reaped(idle_timeout=0)
+    streams = []
+
+    def lease_just_before_commit(model):
+        if not streams:
+            stream = manager.stream_generate("x", model=model, max_tokens=100_000, keep_alive=-1)
+            next(stream)
+            streams.append(stream)
+
+    manager.hooks["reaper.before_commit"] = lease_just_before_commit
+    pid = manager.load(TINY, keep_alive=0.2).pid
+    assert wait_for(lambda: streams, timeout=5)
+    (status,) = manager.status()
+    assert status.pid == pid and status.state == "ready" and status.active_requests == 1
+    assert next(streams[0]).finish_reason is None, "the leased worker is still streaming"
+    streams[0].close()
+    (status,) = manager.status()
+    assert status.expires_at is None, "keep_alive=-1 from the last request keeps it forever"
+
+
+def test_a_failing_unload_is_logged_and_the_others_are_still_reaped(reaped, model_dir, caplog):
+    manager = reaped(idle_timeout=0, model_dirs=[str(model_dir)])
+    failures = []
+
+    def fail_for_a(model):
+        if model == "tiny-a":
+            failures.append(model)
+            raise RuntimeError("injected")
+
+    manager.load("tiny-a", keep_alive=-1)
+    manager.load("tiny-b", keep_alive=-1)
+    manager.hooks["reaper.before_commit"] = fail_for_a
+    with caplog.at_level(logging.ERROR, logger="mlx_jupyter.engine.manager"):
+        manager.load("tiny-a", keep_alive=0)
+        manager.load("tiny-b", keep_alive=0)
+        assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-a"], timeout=5)
+        time.sleep(1.5)  # lets a hot retry loop show itself
+    assert "idle unload of tiny-a failed" in caplog.text
+    assert 1 <= len(failures) <= 3, f"{len(failures)} retries in 1.5s: the reaper spins on a failing unload"
