@@ -218,3 +218,24 @@ def test_unload_waits_for_in_flight_requests_to_drain(make_manager):
     assert done.is_set() and manager.status() == []
     # a new request loads a fresh worker instead of reviving the drained one
     assert manager.generate("x", model=TINY, max_tokens=1).finish_reason == "length"
+
+
+def test_a_ping_during_a_stream_is_answered_without_taking_the_streams_text(make_manager):
+    manager = make_manager()
+    expected = manager.generate("Beautiful is", model=TINY, max_tokens=40).text
+    stream = manager.stream_generate("Beautiful is", model=TINY, max_tokens=40)
+    text = [next(stream).text]
+    rtts = [manager.ping(TINY) for _ in range(5)]
+    text += [c.text for c in stream]
+    assert all(rtt is not None for rtt in rtts)
+    assert "".join(text) == expected
+
+
+def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded(make_manager, caplog):
+    manager = make_manager(watchdog_threshold=0.2)
+    assert manager.health()["status"] == "ok"
+    with caplog.at_level("ERROR", logger="mlx_jupyter.engine.locks"), manager._activity_lock:
+        assert wait_for(lambda: manager.degraded, timeout=5)
+    health = manager.health()
+    assert health["status"] == "degraded" and "activity_lock held" in health["degraded_reason"]
+    assert "test_a_lock_held_past_the_watchdog_threshold" in caplog.text, "the holder's stack was logged"

@@ -236,6 +236,15 @@ class WorkerManager:
         request = validate_request(prompt=prompt, **kwargs)
         return self._stream(request)
 
+    def ping(self, model: str, timeout: float = 2.0) -> float | None:
+        """Round-trip seconds to ``model``'s worker, None if it did not answer in time."""
+        with self._activity_lock, self._state_lock:
+            record = self._models.get(model)
+            worker = record.worker if record is not None and record.state is State.READY else None
+        if worker is None:
+            raise ModelNotFoundError(f"model {model!r} is not loaded: see GET mlx/api/models")
+        return worker.ping(timeout)
+
     def status(self) -> list[ModelStatus]:
         """A snapshot of resident models; never waits for a generation or a load."""
         with self._activity_lock, self._state_lock:

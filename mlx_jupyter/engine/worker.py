@@ -119,17 +119,22 @@ class WorkerProcess:
         finally:
             self.close(rid)
 
-    def ping(self, timeout: float) -> bool:
-        """True when the worker answers a ping within ``timeout`` (the pong is routed by id)."""
-        rid = f"ping-{next(self._seq)}"
+    def ping(self, timeout: float) -> float | None:
+        """Round-trip seconds of a ping, or None without an answer in ``timeout``.
+
+        The worker's reader thread answers, so a ping works while a stream runs, and
+        the pong is routed by its own request id: it can never take a stream's frames.
+        """
+        rid, seq = f"ping-{next(self._seq)}", next(self._seq)
         frames = self.open(rid)
+        start = time.monotonic()
         try:
-            self.send({"op": p.OP_PING, "request_id": rid, "seq": rid})
+            self.send({"op": p.OP_PING, "request_id": rid, "seq": seq})
             try:
                 frame = frames.get(timeout=timeout)
             except queue.Empty:
-                return False
-            return frame["type"] == p.T_PONG
+                return None
+            return time.monotonic() - start if frame["type"] == p.T_PONG and frame["seq"] == seq else None
         finally:
             self.close(rid)
 
@@ -200,6 +205,7 @@ class WorkerProcess:
             self._routes.pop(rid, None)
 
     def send(self, message: Frame) -> None:
+        assert_no_locks_held("worker send")
         self._outbox.put(message)
 
     def cancel(self, rid: str) -> None:
