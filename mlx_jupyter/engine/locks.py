@@ -29,13 +29,26 @@ class LockOrderViolation(RuntimeError):
 
 
 _mode = "off"
-_held = threading.local()
+
+
+class _Held(threading.local):
+    """Per-thread stack of ``[lock, frame, line, since, held]`` entries, outermost first.
+
+    Each thread's stack is also published in ``_stacks`` so the watchdog can read it;
+    an entry is pushed (not yet held) before blocking, so waiting shows up too.
+    """
+
+    def __init__(self) -> None:
+        self.stack: list[list] = []
+        _stacks[threading.get_ident()] = (threading.current_thread(), self.stack)
+
+
+_stacks: dict[int, tuple[threading.Thread, list[list]]] = {}
+_held = _Held()
 # Learned order: edges between lock names, with the stack that first showed each edge.
 _graph: dict[str, dict[str, str]] = {}
 _graph_lock = threading.Lock()  # guards _graph; a leaf taken only inside this module
 _violations: list[str] = []
-# Every held or awaited ranked lock: id(entry) -> (thread, lock name, "held"|"waiting", since).
-_tracked: dict[tuple[int, int], tuple[threading.Thread, str, str, float]] = {}
 
 
 def set_mode(mode: str) -> None:
@@ -65,18 +78,16 @@ def reset_graph() -> None:
         _graph.clear()
 
 
-def _stack() -> list[tuple[RankedLock, FrameType | None]]:
-    try:
-        return _held.stack
-    except AttributeError:
-        _held.stack = []
-        return _held.stack
-
-
-def _format_frame(frame: FrameType | None) -> str:
+def _format_frame(frame: FrameType | None, line: int | None = None) -> str:
+    """The stack from ``frame`` outwards; ``line`` is where the innermost frame was then."""
     if frame is None:
         return "    <unknown>\n"
-    return "".join(traceback.format_stack(frame, limit=12))
+    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), limit=12)
+    if line is not None:
+        inner = summary[0]
+        summary[0] = traceback.FrameSummary(inner.filename, line, inner.name)
+    summary.reverse()
+    return "".join(summary.format())
 
 
 def _report(message: str) -> None:
@@ -103,8 +114,9 @@ def _path(src: str, dst: str) -> list[str] | None:
 class RankedLock:
     """A non-reentrant lock with a rank from ``LOCK_RANKS``, checked before it blocks.
 
-    In ``off`` mode it costs one attribute check more than ``threading.Lock``; the
-    watchdog still sees how long it is waited on and held.
+    In every mode the calling thread's held stack records the lock with the time it was
+    requested, which the watchdog reads; ``validate`` and ``observe`` add the rank and
+    order checks and remember where each lock was taken.
     """
 
     def __init__(self, name: str) -> None:
@@ -117,24 +129,26 @@ class RankedLock:
     def __repr__(self) -> str:
         return f"<RankedLock {self.name} rank={self.rank}>"
 
-    def _check(self, stack: list[tuple[RankedLock, FrameType | None]]) -> None:
-        here = sys._getframe(2)
-        for held, frame in stack:
+    def _check(self, stack: list[list], here: FrameType) -> None:
+        for held, frame, line, _since, is_held in stack:
+            if not is_held:
+                continue
             if held is self:
                 _report(
                     f"{self.name} taken again by the thread that holds it\n"
-                    f"  held at:\n{_format_frame(frame)}  taken again at:\n{_format_frame(here)}"
+                    f"  held at:\n{_format_frame(frame, line)}  taken again at:\n{_format_frame(here)}"
                 )
             elif held.rank >= self.rank:
                 _report(
                     f"{self.name} (rank {self.rank}) taken while holding {held.name} "
                     f"(rank {held.rank}); the order is "
                     + " -> ".join(sorted(LOCK_RANKS, key=LOCK_RANKS.__getitem__))
-                    + f"\n  {held.name} acquired at:\n{_format_frame(frame)}"
+                    + f"\n  {held.name} acquired at:\n{_format_frame(frame, line)}"
                     f"  {self.name} requested at:\n{_format_frame(here)}"
                 )
-        for held, _frame in stack:
-            self._learn(held.name, here)
+        for entry in stack:
+            if entry[4] and self.name not in _graph.get(entry[0].name, ()):
+                self._learn(entry[0].name, here)
 
     def _learn(self, before: str, here: FrameType) -> None:
         with _graph_lock:
@@ -153,58 +167,67 @@ class RankedLock:
             )
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        stack = _stack()
-        if _mode != "off":
-            self._check(stack)
-            if _mode == "observe":
-                log.debug("acquire %s", self.name)
-        key = (threading.get_ident(), id(self))
-        _tracked[key] = (threading.current_thread(), self.name, "waiting", time.monotonic())
-        ok = self._lock.acquire(blocking, timeout)
-        if ok:
-            _tracked[key] = (threading.current_thread(), self.name, "held", time.monotonic())
-            stack.append((self, sys._getframe(1) if _mode != "off" else None))
-        else:
-            _tracked.pop(key, None)
-        return ok
+        return self._acquire(sys._getframe(1) if _mode != "off" else None, blocking, timeout)
 
-    def release(self) -> None:
-        stack = _stack()
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i][0] is self:
-                del stack[i]
-                break
-        else:
-            if _mode != "off":
-                _report(f"{self.name} released by {threading.current_thread().name}, which does not hold it")
-        _tracked.pop((threading.get_ident(), id(self)), None)
-        if _mode == "observe":
-            log.debug("release %s", self.name)
-        self._lock.release()
-
-    def locked(self) -> bool:
-        return self._lock.locked()
-
-    __enter__ = acquire
+    def __enter__(self) -> bool:
+        return self._acquire(sys._getframe(1) if _mode != "off" else None, True, -1)
 
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def _acquire(self, here: FrameType | None, blocking: bool, timeout: float) -> bool:
+        stack = _held.stack
+        if here is not None:
+            self._check(stack, here)
+            if _mode == "observe":
+                log.debug("acquire %s", self.name)
+        entry = [self, here, here.f_lineno if here is not None else None, time.monotonic(), False]
+        stack.append(entry)
+        if self._lock.acquire(blocking, timeout):
+            entry[3], entry[4] = time.monotonic(), True
+            return True
+        stack.remove(entry)
+        return False
+
+    def release(self) -> None:
+        stack = _held.stack
+        if stack and stack[-1][0] is self:
+            stack.pop()
+        elif not self._forget(stack):
+            if _mode != "off":  # validate raises here and the holder keeps its lock
+                _report(f"{self.name} released by {threading.current_thread().name}, which does not hold it")
+            for _thread, other in list(_stacks.values()):  # drop the real holder's entry
+                if self._forget(other):
+                    break
+        if _mode == "observe":
+            log.debug("release %s", self.name)
+        self._lock.release()
+
+    def _forget(self, stack: list[list]) -> bool:
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i][0] is self and stack[i][4]:
+                del stack[i]
+                return True
+        return False
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
 
 def held_locks() -> list[str]:
     """Names of the ranked locks the calling thread holds, outermost first."""
-    return [lock.name for lock, _ in _stack()]
+    return [entry[0].name for entry in _held.stack if entry[4]]
 
 
 def assert_no_locks_held(where: str) -> None:
     """Mark a boundary (IPC, spawn, join, sleep, wait, yield) where no lock may be held."""
     if _mode == "off":
         return
-    stack = _stack()
+    stack = _held.stack
     if stack:
         _report(
-            f"{', '.join(lock.name for lock, _ in stack)} held across {where}\n"
-            + "".join(f"  {lock.name} acquired at:\n{_format_frame(frame)}" for lock, frame in stack)
+            f"{', '.join(e[0].name for e in stack)} held across {where}\n"
+            + "".join(f"  {e[0].name} acquired at:\n{_format_frame(e[1], e[2])}" for e in stack)
         )
 
 
@@ -248,11 +271,16 @@ class LockWatchdog:
 
     def stalled(self) -> list[str]:
         now = time.monotonic()
-        return [
-            f"{name} {what} by {thread.name} for {now - since:.1f}s"
-            for thread, name, what, since in list(_tracked.values())
-            if now - since > self.threshold
-        ]
+        found = []
+        for ident, (thread, stack) in list(_stacks.items()):
+            if not thread.is_alive():
+                _stacks.pop(ident, None)
+                continue
+            for lock, _frame, _line, since, is_held in list(stack):
+                if now - since > self.threshold:
+                    what = "held" if is_held else "waiting"
+                    found.append(f"{lock.name} {what} by {thread.name} for {now - since:.1f}s")
+        return found
 
     def _run(self) -> None:
         reported = False
