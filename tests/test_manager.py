@@ -212,10 +212,14 @@ def test_unload_waits_for_in_flight_requests_to_drain(make_manager):
     t.start()
     assert wait_for(lambda: manager.status()[0].state == "draining", timeout=5)
     assert not done.is_set()
+    second_unload = []  # a second unload of a draining model waits with the first
+    second = threading.Thread(target=lambda: second_unload.append(manager.unload(TINY).state))
+    second.start()
     rest = list(stream)
     assert rest[-1].finish_reason == "length", "the draining request finished normally"
     t.join(10)
-    assert done.is_set() and manager.status() == []
+    second.join(10)
+    assert done.is_set() and second_unload == ["draining"] and manager.status() == []
     # a new request loads a fresh worker instead of reviving the drained one
     assert manager.generate("x", model=TINY, max_tokens=1).finish_reason == "length"
 

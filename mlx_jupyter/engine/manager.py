@@ -186,6 +186,8 @@ class WorkerManager:
             with self._activity_lock, self._state_lock:
                 self._check_open()
                 record = self._models.get(model)
+                if record is None:  # already on its way out: wait with the first unloader
+                    record = next((r for r in self._retiring if r.spec.id == model), None)
                 if record is None:
                     raise ModelNotFoundError(f"model {model!r} is not loaded: see GET mlx/api/models")
                 if record.state is State.READY:
