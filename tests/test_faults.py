@@ -210,20 +210,32 @@ def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_mana
         reaper.stop()
 
 
-def _run_script(code: str, timeout: float = 60, **popen) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        **popen,
-    )
+@pytest.fixture
+def run_script():
+    """Start Python code in a child process; any child still running at teardown is killed."""
+    started: list[subprocess.Popen] = []
+
+    def run(code: str) -> subprocess.Popen:
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        started.append(proc)
+        return proc
+
+    yield run
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
-def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_process():
-    proc = _run_script(
+def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_process(run_script):
+    proc = run_script(
         """
         import threading, time, warnings
         from mlx_jupyter.engine import WorkerManager
@@ -261,8 +273,8 @@ def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_proce
     assert "resource_tracker" not in err and "leaked" not in err
 
 
-def test_workers_exit_within_two_seconds_when_the_parent_is_sigkilled():
-    proc = _run_script(
+def test_workers_exit_within_two_seconds_when_the_parent_is_sigkilled(run_script):
+    proc = run_script(
         """
         import sys, time
         from mlx_jupyter.engine import WorkerManager

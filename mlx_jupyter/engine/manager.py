@@ -602,8 +602,9 @@ class WorkerManager:
                     break
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                assert_no_locks_held("yield")
-                yield GenerationChunk(frame["text"])
+                if frame["text"]:
+                    assert_no_locks_held("yield")
+                    yield GenerationChunk(frame["text"])
         finally:
             if not ended:
                 lease.worker.cancel(rid)  # the consumer left early, or the worker hung

@@ -97,11 +97,12 @@ def builtin_model_path(name: str = "tiny") -> Path:
     folder_name, write = _BUILTINS[name]
     target = cache_dir() / "builtin" / folder_name
     if not (target / "config.json").is_file():
-        _create_atomically(target, write)
+        create_atomically(target, write)
     return target
 
 
-def _create_atomically(target: Path, write: Callable[[Path], None]) -> None:
+def create_atomically(target: Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a temporary folder, then rename it to ``target`` in one step."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -324,7 +325,7 @@ def _write_tiny(folder: Path) -> None:
     """Write a random-weight llama that mlx-lm loads, byte-identical every time."""
     tokenizer = _train_tokenizer()
     config = _tiny_config(tokenizer)
-    _save_weights(_tiny_weights(config), folder / "model.safetensors")
+    _save_weights(random_llama_weights(config, _TINY_SEED), folder / "model.safetensors")
     _write_json(folder / "config.json", config)
     (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
     _write_json(folder / "tokenizer_config.json", _tokenizer_config())
@@ -386,10 +387,11 @@ def _tiny_config(tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
-def _tiny_weights(config: dict[str, Any]) -> dict[str, np.ndarray]:
+def random_llama_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
+    """Llama weights under mlx-lm's names (tied embeddings), drawn in a fixed order from ``seed``."""
     import numpy as np
 
-    rng = np.random.default_rng(_TINY_SEED)
+    rng = np.random.default_rng(seed)
     hidden = config["hidden_size"]
     head_dim = hidden // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * head_dim

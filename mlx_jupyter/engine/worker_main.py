@@ -200,8 +200,9 @@ class Worker:
             if ttft is None:
                 ttft = time.perf_counter() - start
             text, stopped = stopper.feed(last.text)
-            if text:
-                self.out.send({"type": p.T_TOKEN, "request_id": rid, "text": text})
+            # One frame per token even when its text is held back (a partial UTF-8
+            # character, a possible stop string): the parent's deadlines count tokens.
+            self.out.send({"type": p.T_TOKEN, "request_id": rid, "text": text})
             if stopped:
                 finish = "stop"
                 break
