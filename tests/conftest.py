@@ -9,19 +9,28 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Before the package is imported: the whole suite runs the checker in validate mode,
-# and the built-in model is built once per run in a private cache.
-os.environ["MLX_JUPYTER_LOCKDEP"] = "validate"
-os.environ.setdefault("MLX_JUPYTER_CACHE", tempfile.mkdtemp(prefix="mlx-jupyter-test-cache-"))
-
 import pytest
 
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
+from mlx_jupyter.engine.reaper import IdleReaper
 from tests.helpers import child_pids, wait_for
 
+# The whole suite, child processes included, runs the checker in validate mode, and
+# builds the built-in model once per run in a private cache.
+os.environ["MLX_JUPYTER_LOCKDEP"] = "validate"
+locks.set_mode("validate")
+_OWN_CACHE = None if "MLX_JUPYTER_CACHE" in os.environ else tempfile.mkdtemp(prefix="mlx-jupyter-test-cache-")
+if _OWN_CACHE:
+    os.environ["MLX_JUPYTER_CACHE"] = _OWN_CACHE
+
 faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +70,19 @@ def model_dir(tmp_path_factory) -> Path:
     for name in ("tiny-a", "tiny-b"):
         shutil.copytree(builtin_model_path("tiny"), root / name)
     return root
+
+
+@pytest.fixture
+def reaper_for():
+    """Start an IdleReaper for a manager; reapers stop before the managers shut down."""
+    started = []
+
+    def start(manager):
+        reaper = IdleReaper(manager)
+        reaper.start()
+        started.append(reaper)
+        return reaper
+
+    yield start
+    for reaper in started:
+        reaper.stop()

@@ -16,27 +16,11 @@ import pytest
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.errors import AllModelsBusyError, ModelNotFoundError
 from mlx_jupyter.engine.locks import LOCK_RANKS, LockOrderViolation
-from mlx_jupyter.engine.reaper import IdleReaper
 from tests.abba import BeforeFixManager, run_interleaving
 from tests.helpers import child_pids, wait_for
 
 # Errors a request may get under load by design; anything else fails the stress tests.
 DOCUMENTED = (AllModelsBusyError, ModelNotFoundError)
-
-
-@pytest.fixture
-def reaper_for():
-    started = []
-
-    def start(manager):
-        reaper = IdleReaper(manager)
-        reaper.start()
-        started.append(reaper)
-        return reaper
-
-    yield start
-    for reaper in started:
-        reaper.stop()
 
 
 def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager, model_dir, reaper_for):

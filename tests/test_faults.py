@@ -189,9 +189,7 @@ def test_a_worker_hung_before_its_first_token_hits_the_first_token_deadline(make
     assert manager.generate("x", model=TINY, max_tokens=2).finish_reason == "length"
 
 
-def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_manager):
-    from mlx_jupyter.engine.reaper import IdleReaper
-
+def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_manager, reaper_for):
     # If the cancel did not reach the worker it would go on for 100k tokens and the
     # next request on the same worker would miss its first-token deadline.
     manager = make_manager(first_token_timeout=5.0, idle_timeout=0)
@@ -202,12 +200,8 @@ def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_mana
     assert status.active_requests == 0
     result = manager.generate("x", model=TINY, max_tokens=2, keep_alive=0.5)
     assert result.finish_reason == "length" and manager.status()[0].pid == status.pid
-    reaper = IdleReaper(manager)
-    reaper.start()
-    try:
-        assert wait_for(lambda: manager.status() == [], timeout=5), "the reaper could not unload after the cancel"
-    finally:
-        reaper.stop()
+    reaper_for(manager)
+    assert wait_for(lambda: manager.status() == [], timeout=5), "the reaper could not unload after the cancel"
 
 
 @pytest.fixture

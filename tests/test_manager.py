@@ -107,20 +107,14 @@ def test_status_never_waits_behind_a_generation(make_manager):
     stream.close()
 
 
-def test_keep_alive_negative_never_expires_and_zero_unloads_after_the_request(make_manager):
-    from mlx_jupyter.engine.reaper import IdleReaper
-
+def test_keep_alive_negative_never_expires_and_zero_unloads_after_the_request(make_manager, reaper_for):
     manager = make_manager(idle_timeout=300)
-    reaper = IdleReaper(manager)
-    reaper.start()
-    try:
-        manager.generate("x", model=TINY, max_tokens=2, keep_alive=-1)
-        (status,) = manager.status()
-        assert status.expires_at is None and status.keep_alive_s == -1
-        manager.generate("x", model=TINY, max_tokens=2, keep_alive=0)
-        assert wait_for(lambda: not manager.status(), timeout=5)
-    finally:
-        reaper.stop()
+    reaper_for(manager)
+    manager.generate("x", model=TINY, max_tokens=2, keep_alive=-1)
+    (status,) = manager.status()
+    assert status.expires_at is None and status.keep_alive_s == -1
+    manager.generate("x", model=TINY, max_tokens=2, keep_alive=0)
+    assert wait_for(lambda: not manager.status(), timeout=5)
 
 
 def test_idle_timeout_zero_keeps_models_forever(make_manager):

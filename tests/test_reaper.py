@@ -7,27 +7,21 @@ import time
 
 import pytest
 
-from mlx_jupyter.engine.reaper import IdleReaper
 from tests.helpers import wait_for
 
 TINY = "builtin:tiny"
 
 
 @pytest.fixture
-def reaped(make_manager):
-    """A manager with a running reaper; the reaper stops before the manager shuts down."""
-    reapers = []
+def reaped(make_manager, reaper_for):
+    """A manager with a running reaper."""
 
     def make(**kwargs):
         manager = make_manager(**kwargs)
-        reaper = IdleReaper(manager)
-        reaper.start()
-        reapers.append(reaper)
+        reaper_for(manager)
         return manager
 
-    yield make
-    for reaper in reapers:
-        reaper.stop()
+    return make
 
 
 def test_reaper_unloads_within_a_second_of_the_deadline(reaped):
