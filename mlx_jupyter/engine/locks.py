@@ -29,6 +29,7 @@ class LockOrderViolation(RuntimeError):
 
 
 _mode = "off"
+_monotonic = time.monotonic
 
 
 class _Held(threading.local):
@@ -170,10 +171,22 @@ class RankedLock:
         return self._acquire(sys._getframe(1) if _mode != "off" else None, blocking, timeout)
 
     def __enter__(self) -> bool:
-        return self._acquire(sys._getframe(1) if _mode != "off" else None, True, -1)
+        if _mode != "off":
+            return self._acquire(sys._getframe(1), True, -1)
+        # The manager's hot path: only what the watchdog needs, inlined.
+        entry = [self, None, None, _monotonic(), False]
+        _held.stack.append(entry)
+        self._lock.acquire()
+        entry[3], entry[4] = _monotonic(), True
+        return True
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        stack = _held.stack
+        if _mode == "off" and stack and stack[-1][0] is self:
+            stack.pop()
+            self._lock.release()
+        else:
+            self.release()
 
     def _acquire(self, here: FrameType | None, blocking: bool, timeout: float) -> bool:
         stack = _held.stack
@@ -181,10 +194,10 @@ class RankedLock:
             self._check(stack, here)
             if _mode == "observe":
                 log.debug("acquire %s", self.name)
-        entry = [self, here, here.f_lineno if here is not None else None, time.monotonic(), False]
+        entry = [self, here, here.f_lineno if here is not None else None, _monotonic(), False]
         stack.append(entry)
         if self._lock.acquire(blocking, timeout):
-            entry[3], entry[4] = time.monotonic(), True
+            entry[3], entry[4] = _monotonic(), True
             return True
         stack.remove(entry)
         return False
