@@ -1,3 +1,9 @@
 """Run local MLX language models from Jupyter."""
 
 __version__ = "0.1.0"
+
+
+def _jupyter_server_extension_points() -> list[dict]:
+    from mlx_jupyter.server.app import MLXExtension
+
+    return [{"module": "mlx_jupyter.server.app", "app": MLXExtension}]

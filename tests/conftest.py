@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from traitlets.config import Config
 
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
@@ -26,6 +27,8 @@ if _OWN_CACHE:
     os.environ["MLX_JUPYTER_CACHE"] = _OWN_CACHE
 
 faulthandler.enable(file=sys.stderr, all_threads=True)
+
+pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -86,3 +89,36 @@ def reaper_for():
     yield start
     for reaper in started:
         reaper.stop()
+
+
+@pytest.fixture
+def mlx_config() -> dict:
+    """MLXExtension settings for the in-process Jupyter server (tests may change them)."""
+    return {
+        "idle_timeout": 0,
+        "queue_timeout": 10,
+        "first_token_timeout": 30,
+        "token_timeout": 10,
+        "max_tokens_limit": 1000,
+        "max_body_bytes": 64 * 1024,
+    }
+
+
+@pytest.fixture
+def jp_server_config(mlx_config):
+    """pytest-jupyter's server: our extension on, no unauthenticated access at all."""
+    return Config(
+        {
+            "ServerApp": {
+                "jpserver_extensions": {"mlx_jupyter": True},
+                "allow_unauthenticated_access": False,
+            },
+            "MLXExtension": mlx_config,
+        }
+    )
+
+
+@pytest.fixture
+def jp_base_url() -> str:
+    """A non-root base_url, so every route is proven to live under it."""
+    return "/base/url/"

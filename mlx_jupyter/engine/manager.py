@@ -9,6 +9,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ class WorkerManager:
         first_token_timeout: float = 120.0,
         token_timeout: float = 30.0,
         watchdog_threshold: float = 10.0,
+        max_tokens_limit: int = 1_000_000,
         resolver: ModelResolver | None = None,
     ) -> None:
         if max_loaded_models < 1:
@@ -146,9 +148,13 @@ class WorkerManager:
         self.load_timeout = load_timeout
         self.first_token_timeout = first_token_timeout
         self.token_timeout = token_timeout
+        self.max_tokens_limit = max_tokens_limit
         self.resolver = resolver or ModelResolver(model_dirs, allow_downloads=allow_downloads)
         self.hooks: dict[str, Hook] = {}
         self.degraded: str | None = None
+        # Life-cycle counts for metrics (loads, load_failures, evictions, idle_unloads,
+        # unloads, crashes, hung_kills); written under state_lock.
+        self.counters: Counter[str] = Counter()
 
         self._activity_lock = RankedLock("activity_lock")
         self._state_lock = RankedLock("state_lock")
@@ -235,7 +241,7 @@ class WorkerManager:
         ``temperature``, ``top_p``, ``seed``, ``stop``, ``keep_alive``. They are checked
         here, before any work starts; closing the iterator early cancels the generation.
         """
-        request = validate_request(prompt=prompt, **kwargs)
+        request = validate_request(prompt=prompt, max_tokens_limit=self.max_tokens_limit, **kwargs)
         return self._stream(request)
 
     def ping(self, model: str, timeout: float = 2.0) -> float | None:
@@ -289,6 +295,7 @@ class WorkerManager:
                     if commit:
                         self._detach(record)
                         record.state = State.STOPPING
+                        self.counters["idle_unloads"] += 1
                 if commit:
                     log.info(
                         "unloading model %s: idle for %.0fs", record.spec.id, time.time() - (record.last_used_at or now)
@@ -379,6 +386,7 @@ class WorkerManager:
                     if record.claimed_by is ticket:
                         record.claimed_by = None
                 self._notify()
+            self._changed()  # busy: a lease was granted (or a waiter left)
 
     def _may_lease(self, ticket: _Ticket, record: ModelRecord) -> bool:
         # A model claimed for eviction by an earlier request takes no new leases, so a
@@ -429,6 +437,7 @@ class WorkerManager:
             if record.leases == 0 and record.claimed_by in (None, ticket):
                 self._detach(record)
                 record.state = State.STOPPING
+                self.counters["evictions"] += 1
                 log.info("evicting idle model %s to make room for %s", record.spec.id, spec.id)
                 return record, None
         if ready and not any(r.claimed_by is ticket for r in ready):
@@ -502,6 +511,7 @@ class WorkerManager:
                     del self._models[spec.id]
                 record.state = State.DEAD
                 record.error = error
+                self.counters["load_failures"] += 1
                 self._notify()
             if worker.proc is not None:
                 worker.kill(str(error), getattr(error, "code", MLXError.code))
@@ -518,6 +528,7 @@ class WorkerManager:
             record.loaded_at = record.last_used_at = time.time()
             if record.state is State.STARTING:
                 record.state = State.READY
+                self.counters["loads"] += 1
             self._notify()
         log.info("model %s ready in worker pid %s (%.2fs)", spec.id, worker.pid, record.load_s or 0.0)
         self._changed()
@@ -550,8 +561,11 @@ class WorkerManager:
                 return  # the loading thread sees the failure and cleans up itself
             if self._models.get(record.spec.id) is record:
                 del self._models[record.spec.id]
+                self.counters["crashes"] += 1
                 log.warning("model %s lost its worker (pid %s)", record.spec.id, worker.pid if worker else None)
             self._retiring.discard(record)
+            if record.state is not State.DEAD and record.loaded_at is not None:
+                self.counters["unloads"] += 1
             record.state = State.DEAD
             self._notify()
         record.dead.set()
@@ -562,6 +576,7 @@ class WorkerManager:
             if self._models.get(lease.record.spec.id) is lease.record:
                 self._detach(lease.record)
                 lease.record.state = State.STOPPING
+            self.counters["hung_kills"] += 1
         log.error("%s", message)
         lease.worker.kill(message, code)
 
