@@ -368,6 +368,7 @@ class WorkerManager:
                     self._changed()
                     self._stop(to_stop)
                 elif to_load is not None:
+                    self._changed()  # a model is starting
                     self._load(to_load)
                 else:
                     waiting_for_load = ticket.waiting_on is not None and ticket.waiting_on.state is State.STARTING
