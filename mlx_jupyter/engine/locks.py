@@ -287,7 +287,8 @@ class LockWatchdog:
         found = []
         for ident, (thread, stack) in list(_stacks.items()):
             if not thread.is_alive():
-                _stacks.pop(ident, None)
+                if _stacks.get(ident, (None,))[0] is thread:  # the id may be reused already
+                    _stacks.pop(ident, None)
                 continue
             for lock, _frame, _line, since, is_held in list(stack):
                 if now - since > self.threshold:

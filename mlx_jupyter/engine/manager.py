@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import itertools
 import logging
@@ -11,7 +12,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from mlx_jupyter.engine.errors import (
     ManagerClosedError,
     MemoryLimitError,
     MLXError,
+    ModelLoadError,
     ModelNotFoundError,
     WorkerTimeoutError,
     error_from_frame,
@@ -224,8 +226,10 @@ class WorkerManager:
         """Generate a whole answer (blocking); see ``stream_generate`` for the arguments."""
         chunks = []
         last = GenerationChunk("")
-        for last in self.stream_generate(prompt, **kwargs):
-            chunks.append(last.text)
+        # closing(): an interrupt here must still cancel the stream and release its lease.
+        with contextlib.closing(self.stream_generate(prompt, **kwargs)) as stream:
+            for last in stream:
+                chunks.append(last.text)
         return GenerationResult(
             model=kwargs.get("model") or self.default_model,
             text="".join(chunks),
@@ -328,7 +332,7 @@ class WorkerManager:
         for record in records:
             if record.worker is not None:
                 record.worker.join(timeout)
-        self._spawner.shutdown(wait=True)
+        self._spawner.shutdown(wait=True, cancel_futures=True)
         self._watchdog.stop()
         self._changed()
 
@@ -365,6 +369,7 @@ class WorkerManager:
                             to_stop, to_load = self._make_room(ticket, spec, keep)
                     ticket.waiting_on = record or to_load
                 if to_stop is not None:
+                    log.info("evicting idle model %s to make room for %s", to_stop.spec.id, spec.id)
                     self._changed()
                     self._stop(to_stop)
                 elif to_load is not None:
@@ -383,9 +388,7 @@ class WorkerManager:
         finally:
             with self._activity_lock, self._state_lock:
                 self._waiters.remove(ticket)
-                for record in self._models.values():
-                    if record.claimed_by is ticket:
-                        record.claimed_by = None
+                self._drop_claims(ticket)
                 self._notify()
             self._changed()  # busy: a lease was granted (or a waiter left)
 
@@ -426,6 +429,7 @@ class WorkerManager:
             not self.memory_limit or used + spec.size_bytes <= self.memory_limit
         )
         if fits:
+            self._drop_claims(ticket)
             record = ModelRecord(spec=spec, epoch=next(self._epochs), keep_alive_s=keep)
             self._models[spec.id] = record
             return None, record
@@ -436,16 +440,22 @@ class WorkerManager:
         )
         for record in ready:
             if record.leases == 0 and record.claimed_by in (None, ticket):
+                # A claim only holds while its ticket still needs that room.
+                self._drop_claims(ticket)
                 self._detach(record)
                 record.state = State.STOPPING
                 self.counters["evictions"] += 1
-                log.info("evicting idle model %s to make room for %s", record.spec.id, spec.id)
                 return record, None
         if ready and not any(r.claimed_by is ticket for r in ready):
             victim = next((r for r in ready if r.claimed_by is None), None)
             if victim is not None:
                 victim.claimed_by = ticket
         return None, None
+
+    def _drop_claims(self, ticket: _Ticket) -> None:
+        for record in self._models.values():
+            if record.claimed_by is ticket:
+                record.claimed_by = None
 
     def _release(self, lease: Lease) -> None:
         record, to_stop = lease.record, None
@@ -485,13 +495,19 @@ class WorkerManager:
     # -- worker life -----------------------------------------------------------
 
     def _load(self, record: ModelRecord) -> None:
-        """Spawn and load ``record``'s worker outside the locks, then publish it as ready."""
+        """Spawn and load ``record``'s worker outside the locks, then publish it as ready.
+
+        Any exception, KeyboardInterrupt included, takes the failure path: the record
+        goes dead with an error its waiters share, and the worker is killed.
+        """
         spec = record.spec
         worker = WorkerProcess(spec.id, on_exit=lambda w: self._on_worker_exit(record, w))
+        spawned = None
         try:
             self._hook("load.before_spawn", model=spec.id)
             assert_no_locks_held("spawn")
-            self._spawner.submit(worker.spawn, self.spawn_timeout).result()
+            spawned = self._spawner.submit(worker.spawn, self.spawn_timeout)
+            spawned.result()
             with self._activity_lock, self._state_lock:
                 record.worker = worker
                 closed = self._closed or record.state is not State.STARTING
@@ -499,40 +515,54 @@ class WorkerManager:
                 raise ManagerClosedError("the model server is shutting down")
             self._hook("load.after_spawn", model=spec.id)
             loaded = worker.load(str(spec.path), self.load_timeout)
-        except BaseException as exc:
-            if isinstance(exc, MLXError):
-                error = exc
-            elif self._closed:
-                error = ManagerClosedError("the model server is shutting down")
-            else:
-                error = MLXError(f"starting a worker for {spec.id!r} failed: {exc}")
-            log.warning("loading model %s failed: %s", spec.id, error)
             with self._activity_lock, self._state_lock:
-                if self._models.get(spec.id) is record:
-                    del self._models[spec.id]
-                record.state = State.DEAD
-                record.error = error
-                self.counters["load_failures"] += 1
+                record.memory_bytes = int(loaded.get("memory_bytes") or 0)
+                record.context_length = loaded.get("context_length")
+                record.load_s = loaded.get("load_s")
+                record.loaded_at = record.last_used_at = time.time()
+                if record.state is State.STARTING:
+                    record.state = State.READY
+                    # Expires like an idle model unless the loading request leases it.
+                    record.expires_at = self._expiry(record)
+                    self.counters["loads"] += 1
                 self._notify()
-            if worker.proc is not None:
-                worker.kill(str(error), getattr(error, "code", MLXError.code))
-                worker.join()
-            record.dead.set()
-            self._changed()
-            if error is exc:
-                raise
-            raise error from exc
-        with self._activity_lock, self._state_lock:
-            record.memory_bytes = int(loaded.get("memory_bytes") or 0)
-            record.context_length = loaded.get("context_length")
-            record.load_s = loaded.get("load_s")
-            record.loaded_at = record.last_used_at = time.time()
-            if record.state is State.STARTING:
-                record.state = State.READY
-                self.counters["loads"] += 1
-            self._notify()
+        except BaseException as exc:
+            self._load_failed(record, worker, spawned, exc)
+            raise
+        if worker.exited.is_set():  # it died while we published: the reader skipped a starting record
+            self._on_worker_exit(record, worker)
         log.info("model %s ready in worker pid %s (%.2fs)", spec.id, worker.pid, record.load_s or 0.0)
         self._changed()
+
+    def _load_failed(
+        self, record: ModelRecord, worker: WorkerProcess, spawned: Future | None, exc: BaseException
+    ) -> None:
+        if isinstance(exc, MLXError):
+            error = exc
+        elif self._closed:
+            error = ManagerClosedError("the model server is shutting down")
+        elif isinstance(exc, Exception):
+            error = ModelLoadError(f"starting a worker for {record.spec.id!r} failed: {exc!r}")
+        else:
+            error = ModelLoadError(f"loading {record.spec.id!r} was interrupted ({type(exc).__name__})")
+        log.warning("loading model %s failed: %s", record.spec.id, error)
+        with self._activity_lock, self._state_lock:
+            if self._models.get(record.spec.id) is record:
+                del self._models[record.spec.id]
+            record.state = State.DEAD
+            record.error = error
+            self.counters["load_failures"] += 1
+            self._notify()
+        message, code = str(error), getattr(error, "code", MLXError.code)
+        if worker.proc is not None:
+            worker.kill(message, code)
+            worker.join()
+        elif spawned is not None:  # interrupted while the spawner runs Popen: kill what it starts
+            spawned.add_done_callback(lambda _: worker.kill(message, code))
+        record.dead.set()
+        self._changed()
+        if error is not exc and isinstance(exc, Exception):
+            raise error from exc
 
     def _wait_until_loaded(self, record: ModelRecord, deadline: float | None) -> None:
         assert_no_locks_held("waiting for a load")
@@ -560,15 +590,17 @@ class WorkerManager:
         with self._activity_lock, self._state_lock:
             if record.state is State.STARTING:
                 return  # the loading thread sees the failure and cleans up itself
-            if self._models.get(record.spec.id) is record:
+            crashed = self._models.get(record.spec.id) is record
+            if crashed:
                 del self._models[record.spec.id]
                 self.counters["crashes"] += 1
-                log.warning("model %s lost its worker (pid %s)", record.spec.id, worker.pid if worker else None)
             self._retiring.discard(record)
             if record.state is not State.DEAD and record.loaded_at is not None:
                 self.counters["unloads"] += 1
             record.state = State.DEAD
             self._notify()
+        if crashed:
+            log.warning("model %s lost its worker (pid %s)", record.spec.id, worker.pid if worker else None)
         record.dead.set()
         self._changed()
 
