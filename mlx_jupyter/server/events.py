@@ -27,7 +27,7 @@ def diff(before: dict[str, ModelStatus], after: dict[str, ModelStatus]) -> list[
             events.append((kind, new))
         if (new.active_requests > 0) != old_busy:
             events.append(("busy" if new.active_requests else "idle", new))
-        elif old and not new.active_requests and old.expires_at != new.expires_at:
+        elif old and new.state == "ready" and not new.active_requests and old.expires_at != new.expires_at:
             events.append(("idle", new))
     events += [("unload", old) for model_id, old in before.items() if model_id not in after]
     return [{"type": kind, "model": status.to_dict()} for kind, status in events]

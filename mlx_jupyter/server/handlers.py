@@ -60,6 +60,17 @@ class StreamingMixin:
             raise APIError.from_engine(exc) from exc
         return first, chunks
 
+    async def collect(self, first: GenerationChunk, rest: Any) -> tuple[str, GenerationChunk]:
+        """The whole text and the final chunk; an engine error mid-answer keeps its status."""
+        texts, final = [first.text], first
+        try:
+            async for chunk in rest:
+                texts.append(chunk.text)
+                final = chunk
+        except MLXError as exc:
+            raise APIError.from_engine(exc) from exc
+        return "".join(texts), final
+
     def begin_sse(self) -> None:
         self.set_header("Content-Type", "text/event-stream")  # type: ignore[attr-defined]
         self.set_header("Cache-Control", "no-cache")  # type: ignore[attr-defined]
@@ -116,11 +127,7 @@ class AvailableModelsHandler(MLXHandler):
         """Loadable models: built-in, model_dirs and the Hugging Face cache."""
         specs = await self.call(self.manager.resolver.available, status=True)
         self.write_json(
-            {
-                "models": [
-                    {"id": s.id, "source": s.source, "path": str(s.path), "size_bytes": s.size_bytes} for s in specs
-                ]
-            }
+            [{"id": s.id, "source": s.source, "path": str(s.path), "size_bytes": s.size_bytes} for s in specs]
         )
 
 
@@ -168,15 +175,12 @@ class GenerateHandler(StreamingMixin, MLXHandler):
         model = request.get("model") or self.manager.default_model
         first, rest = await self.first_and_rest(self.start_stream(request))
         if not stream:
-            texts, final = [first.text], first
-            async for chunk in rest:
-                texts.append(chunk.text)
-                final = chunk
+            text, final = await self.collect(first, rest)
             self.record_usage(model, final)
             self.write_json(
                 {
                     "model": model,
-                    "text": "".join(texts),
+                    "text": text,
                     "finish_reason": final.finish_reason,
                     "usage": final.usage,
                     "timings": final.timings,

@@ -46,11 +46,13 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
             raise APIError(400, f"unsupported fields: {', '.join(unknown)}", "unsupported_parameter")
         if body.get("n", 1) != 1:
             raise APIError(400, "only n=1 is supported", "unsupported_parameter")
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         request = {
             "model": body.get("model") or None,
-            "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")) or DEFAULT_MAX_TOKENS,
-            "temperature": body.get("temperature", 1.0),
-            "top_p": body.get("top_p", 1.0),
+            "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+            # OpenAI accepts null for these, meaning its default
+            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
+            "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
             "seed": body.get("seed"),
             "stop": body.get("stop"),
             "keep_alive": body.get("keep_alive"),
@@ -84,12 +86,9 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
         head |= {"object": self.kind + (".chunk" if stream and self.kind.startswith("chat") else ""), "model": model}
         head["created"] = int(time.time())
         if not stream:
-            texts, final = [first.text], first
-            async for chunk in rest:
-                texts.append(chunk.text)
-                final = chunk
+            text, final = await self.collect(first, rest)
             self.record_usage(model, final)
-            self.write_json(head | self.whole("".join(texts), final.finish_reason) | {"usage": final.usage})
+            self.write_json(head | self.whole(text, final.finish_reason) | {"usage": final.usage})
             return
         self.begin_sse()
         chunk, is_first = first, True
