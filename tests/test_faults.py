@@ -285,3 +285,24 @@ def test_workers_exit_within_two_seconds_when_the_parent_is_sigkilled(run_script
     killed_at = time.monotonic()
     assert wait_for(lambda: not pid_alive(worker_pid), timeout=5)
     assert time.monotonic() - killed_at < 2.0
+
+
+def test_a_worker_that_dies_right_after_loading_does_not_leave_a_broken_ready_model(make_manager, monkeypatch):
+    from mlx_jupyter.engine.worker import WorkerProcess
+
+    real_load = WorkerProcess.load
+
+    def load_then_die(self, path, timeout):
+        frame = real_load(self, path, timeout)
+        self.proc.kill()  # e.g. the OOM killer, before the manager publishes the model
+        assert self.exited.wait(10)
+        monkeypatch.setattr(WorkerProcess, "load", real_load)  # only the first worker dies
+        return frame
+
+    manager = make_manager(max_loaded_models=1, queue_timeout=5)
+    monkeypatch.setattr(WorkerProcess, "load", load_then_die)
+    with pytest.raises(WorkerCrashedError, match="died right after loading"):
+        manager.load(TINY)
+    assert manager.status() == [], "a dead worker stayed listed, holding the only slot"
+    assert manager.generate("x", model=TINY, max_tokens=2).finish_reason == "length"
+    manager.unload(TINY, timeout=10)

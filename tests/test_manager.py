@@ -237,3 +237,32 @@ def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded(make_mana
     health = manager.health()
     assert health["status"] == "degraded" and "activity_lock held" in health["degraded_reason"]
     assert "test_a_lock_held_past_the_watchdog_threshold" in caplog.text, "the holder's stack was logged"
+
+
+def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager, model_dir):
+    manager = make_manager(max_loaded_models=2, model_dirs=[str(model_dir)], queue_timeout=5)
+    manager.load("tiny-a")
+    manager.load("tiny-b")
+    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
+    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=100_000)
+    next(busy_b)
+    loading, gate = threading.Event(), threading.Event()
+
+    def slow_spawn(model):
+        if model == TINY:
+            loading.set()
+            gate.wait(30)
+
+    manager.hooks["load.before_spawn"] = slow_spawn
+    third = threading.Thread(target=manager.load, args=(TINY,))
+    third.start()
+    assert wait_for(lambda: len(manager._waiters) == 1, timeout=10)
+    busy_b.close()  # the waiter evicts idle tiny-b instead and starts loading
+    assert loading.wait(10)
+    busy_a.close()
+    try:
+        assert manager.generate("x", model="tiny-a", max_tokens=2).finish_reason == "length"
+    finally:
+        gate.set()
+        third.join(30)

@@ -25,6 +25,7 @@ from mlx_jupyter.engine.errors import (
     MLXError,
     ModelLoadError,
     ModelNotFoundError,
+    WorkerCrashedError,
     WorkerTimeoutError,
     error_from_frame,
 )
@@ -531,6 +532,9 @@ class WorkerManager:
             raise
         if worker.exited.is_set():  # it died while we published: the reader skipped a starting record
             self._on_worker_exit(record, worker)
+            raise WorkerCrashedError(
+                f"the worker for model {spec.id!r} died right after loading it; the next request starts a fresh one"
+            )
         log.info("model %s ready in worker pid %s (%.2fs)", spec.id, worker.pid, record.load_s or 0.0)
         self._changed()
 

@@ -38,9 +38,11 @@ class StreamingMixin:
 
     def start_stream(self, request: dict[str, Any]) -> ChunkBridge:
         limits = self.limits  # type: ignore[attr-defined]
-        prompt_chars = len(request.get("prompt") or "") + sum(
-            len(m.get("content") or "") for m in request.get("messages") or [] if isinstance(m, dict)
-        )
+        # Only strings count here; validate_request names the field of any other type.
+        texts = [request.get("prompt")]
+        if isinstance(request.get("messages"), list):
+            texts += [m.get("content") for m in request["messages"] if isinstance(m, dict)]
+        prompt_chars = sum(len(t) for t in texts if isinstance(t, str))
         if prompt_chars > limits["max_prompt_chars"]:
             limit = limits["max_prompt_chars"]
             raise APIError(400, f"prompt is {prompt_chars} characters; the limit is {limit}", "prompt_too_long")
