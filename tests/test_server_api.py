@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import signal
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -463,6 +465,26 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
     answer = ok_json(await post(jp_fetch, "mlx/api/generate", {"model": "tiny-b", "prompt": "hi", "max_tokens": 2}))
     assert answer["model"] == "tiny-b"
     assert [s.id for s in manager.status()] == ["tiny-b"]
+
+
+@pytest.mark.parametrize(
+    "mlx_config", [{"token_timeout": 1.0, "first_token_timeout": 1.0}], indirect=True, ids=["one_second_deadlines"]
+)
+@pytest.mark.parametrize("path", ["mlx/api/generate", "mlx/v1/completions"])
+async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
+    manager.load("builtin:tiny")
+    answer = asyncio.ensure_future(post(jp_fetch, path, {"prompt": "x", "max_tokens": 1000}))
+    for _ in range(500):  # until the request holds the worker
+        if manager.status()[0].active_requests:
+            break
+        await asyncio.sleep(0.01)
+    # Tokens come about every millisecond: by now the answer is under way, not finished.
+    await asyncio.sleep(0.3)
+    pid = manager.status()[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    assert_error(await answer, 504, "worker_timeout", "was killed")
+    assert wait_for(lambda: not pid_alive(pid), timeout=5)
+    await assert_still_serves(jp_fetch, manager)
 
 
 # -- activity ------------------------------------------------------------------
