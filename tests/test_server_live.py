@@ -36,7 +36,7 @@ class LiveServer:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}{BASE}"
-        env = dict(
+        self.env = env = dict(
             os.environ,
             JUPYTER_CONFIG_DIR=str(tmp / "config"),
             JUPYTER_RUNTIME_DIR=str(tmp / "runtime"),
@@ -196,13 +196,20 @@ def test_events_report_load_ready_busy_idle_and_unload(live):
     assert kinds.index("load") < kinds.index("ready") < kinds.index("busy") < kinds.index("unload")
 
 
-def test_stopping_the_server_mid_stream_leaves_no_worker_process(live):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "jupyter server stop"])
+def test_stopping_the_server_mid_stream_leaves_no_worker_process(live, how):
     stream = live.stream("mlx/api/generate", {"prompt": "x", "max_tokens": 8000, "stream": True})
     next(stream)
     pid = live.models()[0]["pid"]
     assert pid_alive(pid)
-    rc = live.stop()
-    assert rc is not None
+    if how == "jupyter server stop":
+        subprocess.run(
+            [sys.executable, "-m", "jupyter_server", "stop", str(live.port)], env=live.env, check=True, timeout=60
+        )
+    else:
+        live.proc.send_signal(getattr(signal, how))  # Ctrl-C without a terminal stops at once
+    assert live.proc.wait(30) is not None
+    live.stop()
     assert wait_for(lambda: not pid_alive(pid), timeout=5)
     assert not child_pids(live.proc.pid)
 

@@ -134,6 +134,7 @@ class MLXExtension(ExtensionApp):
             mlx_executor=self.executor,
             mlx_status_executor=self.status_executor,
             mlx_events=self.events,
+            mlx_openapi=handlers.openapi_document(),
             mlx_limits={
                 "max_tokens": self.max_tokens_limit,
                 "max_prompt_chars": self.max_prompt_chars,

@@ -256,7 +256,12 @@ class OpenAPIHandler(MLXHandler):
     @authorized
     async def get(self) -> None:
         """The OpenAPI 3 description of both APIs."""
-        self.finish(files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8"))
+        self.finish(self.settings["mlx_openapi"])
+
+
+def openapi_document() -> str:
+    """The OpenAPI document shipped in the package (read once, at server start)."""
+    return files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8")
 
 
 def routes() -> list[tuple[str, type[MLXHandler]]]:
