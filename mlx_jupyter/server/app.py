@@ -127,7 +127,7 @@ class MLXExtension(ExtensionApp):
         self.executor = ThreadPoolExecutor(self.request_threads, thread_name_prefix="mlx-request")
         # Status calls get threads of their own so that they never queue behind streams.
         self.status_executor = ThreadPoolExecutor(2, thread_name_prefix="mlx-status")
-        self.events = EventHub(self.manager, asyncio.get_event_loop(), self.status_executor)
+        self.events = EventHub(self.manager, self.serverapp.io_loop.asyncio_loop, self.status_executor)
         self.collector = EngineCollector.register(self.manager, self.events.snapshot)
         self.settings.update(
             mlx_manager=self.manager,
