@@ -22,10 +22,8 @@ GENERATE_FIELDS = ("model", "prompt", "messages", "max_tokens", "temperature", "
 EVENTS_PING_S = 15.0
 
 
-def model_field(body: dict[str, Any], required: bool = True) -> str | None:
+def model_field(body: dict[str, Any]) -> str:
     model = body.get("model")
-    if model is None and not required:
-        return None
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' must be a model id string: see GET mlx/api/models/available", "invalid_request")
     return model
