@@ -468,17 +468,22 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
 
 
 @pytest.mark.parametrize(
-    "mlx_config", [{"token_timeout": 1.0, "first_token_timeout": 1.0}], indirect=True, ids=["one_second_deadlines"]
+    "mlx_config",
+    [{"token_timeout": 1.0, "first_token_timeout": 1.0, "max_tokens_limit": 100_000}],
+    indirect=True,
+    ids=["one_second_deadlines"],
 )
 @pytest.mark.parametrize("path", ["mlx/api/generate", "mlx/v1/completions"])
 async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
     manager.load("builtin:tiny")
-    answer = asyncio.ensure_future(post(jp_fetch, path, {"prompt": "x", "max_tokens": 1000}))
+    # Greedy on "x" never meets the end token: the answer cannot finish before the hang.
+    body = {"prompt": "x", "max_tokens": 100_000, "temperature": 0}
+    answer = asyncio.ensure_future(post(jp_fetch, path, body))
     for _ in range(500):  # until the request holds the worker
         if manager.status()[0].active_requests:
             break
         await asyncio.sleep(0.01)
-    # Tokens come about every millisecond: by now the answer is under way, not finished.
+    # Tokens come about every millisecond: by now the answer is under way.
     await asyncio.sleep(0.3)
     pid = manager.status()[0].pid
     os.kill(pid, signal.SIGSTOP)
