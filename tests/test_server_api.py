@@ -9,7 +9,8 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,16 @@ async def assert_still_serves(jp_fetch, manager: WorkerManager) -> None:
     answer = ok_json(await post(jp_fetch, "mlx/api/generate", VALID))
     assert answer["text"] and answer["finish_reason"] in ("length", "stop")
     assert wait_for(lambda: manager.health()["active_requests"] == 0, timeout=5), manager.health()
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` while letting the event loop run, until true or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 def sse_events(body: bytes) -> list[dict]:
@@ -506,11 +517,13 @@ async def test_polling_is_not_activity_but_generation_and_held_leases_are(jp_fet
     after = settings.get("api_last_activity")
     assert after is not None and (before is None or after > before), "a generate must count as activity"
 
-    assert extension.current_activity() is False
+    # current_activity() reads the event hub's snapshot, which follows lease changes
+    # a moment later (a refresh on the event loop).
+    assert await eventually(lambda: extension.current_activity() is False)
     async with busy(manager, TINY):
-        assert extension.current_activity() is True
+        assert await eventually(lambda: extension.current_activity() is True)
         assert jp_serverapp.extension_manager.any_activity(), "shutdown_no_activity must see the stream"
-    assert extension.current_activity() is False
+    assert await eventually(lambda: extension.current_activity() is False)
 
 
 # -- metrics -------------------------------------------------------------------

@@ -153,8 +153,12 @@ class MLXExtension(ExtensionApp):
         self.handlers.extend(handlers.routes() + openai.routes())
 
     def current_activity(self) -> bool:
-        """A running generation keeps the server alive under ``shutdown_no_activity``."""
-        return self.manager.health()["active_requests"] > 0
+        """A running generation keeps the server alive under ``shutdown_no_activity``.
+
+        Jupyter asks on its event loop, so the answer comes from the event hub's last
+        snapshot (refreshed on every lease change), not from the engine's locks.
+        """
+        return any(status.active_requests for status in self.events.snapshot())
 
     async def stop_extension(self) -> None:
         self.log.info("mlx_jupyter: stopping the idle reaper and every model worker")
