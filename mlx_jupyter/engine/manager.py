@@ -66,7 +66,6 @@ class ModelRecord:
     worker: WorkerProcess | None = None
     leases: int = 0
     memory_bytes: int = 0
-    context_length: int | None = None
     load_s: float | None = None
     loaded_at: float | None = None
     last_used_at: float | None = None
@@ -105,7 +104,6 @@ class Lease:
 
     record: ModelRecord
     worker: WorkerProcess
-    epoch: int
     load_s: float | None = None
 
 
@@ -405,7 +403,7 @@ class WorkerManager:
         record.expires_at = None
         assert record.worker is not None
         loaded_now = ticket.waiting_on is record
-        return Lease(record, record.worker, record.epoch, record.load_s if loaded_now else None)
+        return Lease(record, record.worker, record.load_s if loaded_now else None)
 
     def _raise_if_failed(self, ticket: _Ticket) -> None:
         # Requests that waited on a load share its failure instead of retrying it.
@@ -518,7 +516,6 @@ class WorkerManager:
             loaded = worker.load(str(spec.path), self.load_timeout)
             with self._activity_lock, self._state_lock:
                 record.memory_bytes = int(loaded.get("memory_bytes") or 0)
-                record.context_length = loaded.get("context_length")
                 record.load_s = loaded.get("load_s")
                 record.loaded_at = record.last_used_at = time.time()
                 if record.state is State.STARTING:
