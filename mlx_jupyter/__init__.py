@@ -7,3 +7,16 @@ def _jupyter_server_extension_points() -> list[dict]:
     from mlx_jupyter.server.app import MLXExtension
 
     return [{"module": "mlx_jupyter.server.app", "app": MLXExtension}]
+
+
+def load_ipython_extension(shell) -> None:
+    """``%load_ext mlx_jupyter``: the %%mlx and %mlx magics."""
+    from mlx_jupyter.kernel.magics import load_ipython_extension
+
+    load_ipython_extension(shell)
+
+
+def unload_ipython_extension(shell) -> None:
+    from mlx_jupyter.kernel.magics import unload_ipython_extension
+
+    unload_ipython_extension(shell)

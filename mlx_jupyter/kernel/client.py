@@ -42,6 +42,10 @@ class ClientError(Exception):
         self.code = code
         self.status = status
 
+    def _render_traceback_(self) -> list[str]:
+        """IPython shows this instead of a traceback: one red line."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {self}"]
+
 
 class ServerUnreachableError(ClientError):
     """No connection to the Jupyter server (stopped, wrong URL, network)."""
@@ -137,8 +141,10 @@ class ServerClient(MLXClient):
         return self._call("POST", "mlx/api/models/unload", {"model": model})
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        # A generator from the start: nothing is opened until the first next(), and a
+        # close() at any point after that closes the connection.
         response = self._open("POST", "mlx/api/generate", {**request, "stream": True}, self.timeout)
-        return self._events(response)
+        yield from self._events(response)
 
     def close(self) -> None:
         """Nothing is held between calls."""
