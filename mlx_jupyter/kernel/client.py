@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_jupyter import __version__
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.engine import IdleReaper, MLXError, WorkerManager
 from mlx_jupyter.engine.models import ModelResolver
@@ -253,8 +252,8 @@ class LocalSettings:
 class LocalClient(MLXClient):
     """Hosts a WorkerManager and its IdleReaper in this kernel; they stop at kernel exit.
 
-    The engine is started on first use, so a kernel that never asks for a model never
-    starts a thread or a process. ``reconfigure`` applies changed traits to a running engine.
+    The engine is created on first use, so loading the magics starts nothing; worker
+    processes start only when a model is asked for. ``reconfigure`` applies changed traits to a running engine.
     """
 
     host = "this kernel (local engine)"
@@ -296,12 +295,10 @@ class LocalClient(MLXClient):
             self._reaper.wake()  # a shorter idle_timeout may bring a deadline forward
 
     def health(self) -> dict[str, Any]:
-        if self._manager is None:
-            return {"status": "ok", "version": __version__, "models_loaded": 0, "active_requests": 0}
-        return self._engine(self._manager.health)
+        return self._engine(self.manager.health)
 
     def models(self) -> dict[str, Any]:
-        statuses = self._engine(self._manager.status) if self._manager is not None else []
+        statuses = self._engine(self.manager.status)
         return {"server_time": time.time(), "models": [s.to_dict() for s in statuses]}
 
     def available(self) -> list[dict[str, Any]]:
@@ -312,9 +309,7 @@ class LocalClient(MLXClient):
         return self._engine(self.manager.load, model, keep_alive).to_dict()
 
     def unload(self, model: str) -> dict[str, Any]:
-        if self._manager is None:
-            raise UnknownModelError(f"model {model!r} is not loaded: see %mlx list", "model_not_found")
-        return self._engine(self._manager.unload, model).to_dict()
+        return self._engine(self.manager.unload, model).to_dict()
 
     def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
         request = {k: v for k, v in request.items() if k != "stream"}
@@ -323,6 +318,7 @@ class LocalClient(MLXClient):
         return self._chunks(chunks, request.get("model") or manager.default_model)
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         with self._lock:
             manager, reaper = self._manager, self._reaper
             self._manager = self._reaper = None

@@ -43,8 +43,9 @@ _VARIABLE = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
 
 LINE_HELP = """\
 %mlx list                        loaded models (state, memory, idle countdown) and loadable ones
-%mlx load MODEL [--keep-alive D] load a model now; D like 10m, 30s, -1 (never unload)
-%mlx unload MODEL                unload a model once its running requests end
+%mlx load [MODEL] [--keep-alive D] load a model now (default: the default model);
+                                 D like 10m, 30s, 0, -1 (never unload)
+%mlx unload [MODEL]              unload a model once its running requests end
 %mlx status                      which host serves this kernel, and its models
 %mlx reset                       forget the --chat conversation
 %mlx version                     the mlx_jupyter version
@@ -94,9 +95,10 @@ def line_parser() -> _Parser:
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
     commands.add_parser("list", help="loaded and loadable models")
     load = commands.add_parser("load", help="load a model")
-    load.add_argument("model")
+    load.add_argument("model", nargs="?", help="model id (default: the default model)")
     load.add_argument("--keep-alive", metavar="DUR")
-    commands.add_parser("unload", help="unload a model").add_argument("model")
+    unload = commands.add_parser("unload", help="unload a model")
+    unload.add_argument("model", nargs="?", help="model id (default: the default model)")
     for name in ("status", "reset", "version", "help"):
         commands.add_parser(name)
     return parser
@@ -226,12 +228,16 @@ class MLXMagics(Magics):
             print(f"loaded ({client.host}):\n{loaded_table(client.models())}\n")
             print(f"available:\n{available_table(client.available())}")
         elif command == "load":
-            status = self._with_models_hint(get_client().load, args.model, args.keep_alive)
+            status = self._with_models_hint(get_client().load, self._model(args.model), args.keep_alive)
             print(f"{status['id']} loaded (pid {status['pid']}, {status['memory_bytes'] / 1e6:.1f} MB)")
         elif command == "unload":
-            status = get_client().unload(args.model)
+            status = get_client().unload(self._model(args.model))
             print(f"{status['id']} unloaded")
         return None
+
+    def _model(self, model: str | None) -> str:
+        """``model``, else MLXMagics.default_model, else the host's default model."""
+        return model or self.default_model or get_client().health()["default_model"]
 
     def _cell(self, line: str, cell: str) -> None:
         args = self._cell_parser.parse_args(_split(line))
