@@ -10,39 +10,18 @@ import threading
 
 import pytest
 from IPython.core.error import UsageError
-from IPython.core.interactiveshell import InteractiveShell
-from IPython.utils.capture import capture_output
 
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
 from mlx_jupyter.kernel.magics import interpolate
 from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
-from tests.helpers import child_pids, wait_for
+from tests.helpers import run_cell as run
+from tests.helpers import wait_for
 
 TINY = "builtin:tiny"
 
 
-@pytest.fixture
-def shell():
-    """A fresh InteractiveShell with the extension loaded and a local engine; no worker outlives it."""
-    InteractiveShell.clear_instance()
-    sh = InteractiveShell.instance()
-    sh.run_line_magic("load_ext", "mlx_jupyter")
-    sh.run_line_magic("config", "MLXMagics.server = 'local'")
-    sh.run_line_magic("config", "MLXMagics.idle_timeout = 0")
-    yield sh
-    mlx_client.reset_client()
-    InteractiveShell.clear_instance()
-    assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
-
-
-def run(sh: InteractiveShell, cell: str):
-    with capture_output() as captured:
-        result = sh.run_cell(cell)
-    return result, captured
-
-
-def engine(sh: InteractiveShell) -> LocalClient:
+def engine() -> LocalClient:
     client = mlx_client.get_client()
     assert isinstance(client, LocalClient)
     return client
@@ -210,7 +189,7 @@ def test_config_traits_reach_the_running_local_engine(shell):
     run(shell, f"%mlx load {TINY}")
     shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
-    manager = engine(shell).manager
+    manager = engine().manager
     assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
 
 
@@ -223,7 +202,7 @@ def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):
 
 
 def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell):
-    client = engine(shell)
+    client = engine()
     client.load(TINY)
     manager = client.manager
 
@@ -243,7 +222,7 @@ def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell)
 
 
 def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
-    client = engine(shell)
+    client = engine()
     pid = client.load(TINY)["pid"]
     manager = client.manager
 
