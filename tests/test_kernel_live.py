@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +18,9 @@ from nbclient import NotebookClient
 
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.kernel import client as mlx_client
-from tests.helpers import pid_alive, wait_for
-from tests.test_server_live import LiveServer
+from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
+from tests.helpers import pid_alive, run_cell, wait_for
+from tests.test_server_live import LiveServer, free_port
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 CELL_TIMEOUT_S = 180
@@ -111,6 +115,10 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
     try:
         kc.wait_for_ready(timeout=60)
         assert kc.execute_interactive("%load_ext mlx_jupyter", timeout=60)["content"]["status"] == "ok"
+        exported = kc.execute_interactive(
+            f"import os; assert os.environ['MLX_JUPYTER_SERVER_URL'] == {server.url!r}", timeout=30
+        )
+        assert exported["content"]["status"] == "ok", "the server did not export its URL to the kernel"
         msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
         assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
             "the generation did not start on the server"
@@ -163,3 +171,88 @@ def test_the_notebooks_are_clean_of_outputs():
         "model_management.ipynb",
         "openai_client.ipynb",
     }
+
+
+def use_server(shell, url: str, token: str) -> None:
+    shell.run_line_magic("config", f"MLXMagics.token = {token!r}")
+    shell.run_line_magic("config", f"MLXMagics.server = {url!r}")
+
+
+def one_line(captured) -> str:
+    lines = captured.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.stdout, captured.stdout
+    return lines[0]
+
+
+def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, server.token)
+    result, out = run_cell(shell, "%mlx status")
+    assert result.success and f"Jupyter server at {server.url}" in out.stdout
+    result, out = run_cell(shell, "%%mlx -m tiny-a --max-tokens 4\nhi")
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["_mlx"].model == "tiny-a" and shell.user_ns["_mlx"].tokens == 4
+    assert [m["id"] for m in server.models()] == ["tiny-a"]
+    result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
+    assert isinstance(result.error_in_exec, UnknownModelError)
+    assert "available: builtin:tiny, tiny-a, tiny-b" in one_line(out)
+
+
+def test_a_refused_token_is_one_line_that_says_what_to_set(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, "wrong")
+    result, out = run_cell(shell, "%%mlx --max-tokens 4\nhi")
+    assert isinstance(result.error_in_exec, AuthError)
+    assert "refused this kernel's credential (403" in one_line(out) and "MLX_JUPYTER_TOKEN" in one_line(out)
+    assert run_cell(shell, "1 + 1")[0].result == 2
+
+
+def test_an_unreachable_server_is_one_line(shell):
+    use_server(shell, f"http://127.0.0.1:{free_port()}/", "")
+    result, out = run_cell(shell, "%mlx list")
+    assert isinstance(result.error_in_exec, ServerUnreachableError)
+    assert "cannot reach the Jupyter server at" in one_line(out)
+    assert run_cell(shell, "1 + 1")[0].result == 2
+
+
+def test_a_worker_killed_mid_answer_on_the_server_is_one_line(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, server.token)
+    run_cell(shell, "%mlx load")
+    pid = server.models()[0]["pid"]
+
+    def kill_once_streaming():
+        if wait_for(lambda: server.models()[0]["active_requests"] == 1, timeout=30, interval=0.05):
+            os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_streaming, daemon=True).start()
+    result, out = run_cell(shell, "%%mlx --raw --max-tokens 8000\nHello")
+    assert isinstance(result.error_in_exec, ClientError) and result.error_in_exec.code == "worker_crashed"
+    assert "SIGKILL" in one_line(out)
+    result, _ = run_cell(shell, "%%mlx --max-tokens 3\nagain")
+    assert result.success and shell.user_ns["_mlx"].tokens == 3
+
+
+class NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(ENV_URL, f"http://127.0.0.1:{httpd.server_address[1]}/")
+        monkeypatch.delenv("JPY_PARENT_PID", raising=False)
+        found = mlx_client._discover(mlx_client.Discovery())
+        assert isinstance(found, LocalClient)
+        found.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
