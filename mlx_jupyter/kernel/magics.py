@@ -268,8 +268,8 @@ class MLXMagics(Magics):
         except UnknownModelError as exc:
             raise self._models_hint(exc) from None
         except ClientError:
-            if pieces:
-                live.update("".join(pieces))
+            if pieces:  # what arrived before the failure stays visible
+                live.update("".join(pieces), force=True)
             raise
         result = self._finish(live, args, request, "".join(pieces), final, fmt)
         if args.chat and result.finish_reason != "cancelled":

@@ -111,8 +111,9 @@ class LiveAnswer:
         self.last_update = 0.0
         self.printed = 0
 
-    def update(self, text: str) -> None:
-        if not self.live:
+    def update(self, text: str, force: bool = False) -> None:
+        """Show ``text`` now, unless the last update was too recent (``force`` skips that check)."""
+        if not self.live and not force:
             return
         if self.terminal:
             sys.stdout.write(text[self.printed :])
@@ -120,7 +121,7 @@ class LiveAnswer:
             self.printed = len(text)
             return
         now = time.monotonic()
-        if self.handle is not None and now - self.last_update < self.interval:
+        if self.handle is not None and now - self.last_update < self.interval and not force:
             return
         self.last_update = now
         bundle = {"text/plain": text}
