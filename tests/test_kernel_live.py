@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
 import re
@@ -94,6 +95,18 @@ def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers
     metrics = server.client.get("metrics").text
     assert re.search(r"mlx_model_loads_total\{[^}]*\} [1-9]|mlx_model_loads_total [1-9]", metrics), metrics[-2000:]
     server.client.delete(f"api/kernels/{kernel_id}")
+
+
+async def test_the_extension_exports_url_and_token_while_the_server_runs(jp_serverapp, jp_base_url):
+    (extension,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
+    for _ in range(100):  # the export is the event loop's first callback, once the port is final
+        if ENV_URL in os.environ:
+            break
+        await asyncio.sleep(0.01)
+    assert os.environ[ENV_URL] == f"http://{jp_serverapp.ip}:{jp_serverapp.port}{jp_base_url}"
+    assert os.environ[ENV_TOKEN] == jp_serverapp.identity_provider.token
+    extension.kernel_env.withdraw()  # what stop_extension does first
+    assert ENV_URL not in os.environ and ENV_TOKEN not in os.environ
 
 
 def test_a_kernel_finds_the_server_through_its_runtime_file_too(server, monkeypatch):

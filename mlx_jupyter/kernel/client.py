@@ -389,11 +389,18 @@ _client_lock = threading.Lock()
 def get_client() -> MLXClient:
     """The kernel's shared client, found once (see ``Discovery``) and cached."""
     global _client
+    client = _client
+    if client is not None:
+        return client
+    found: MLXClient | None = _discover(discovery)  # network probes: outside the lock
     with _client_lock:
         if _client is None:
-            _client = _discover(discovery)
+            _client, found = found, None
             log.info("mlx_jupyter: models served by %s", _client.host)
-        return _client
+        client = _client
+    if found is not None:  # another thread was quicker
+        found.close()
+    return client
 
 
 def reset_client() -> None:
