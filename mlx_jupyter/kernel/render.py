@@ -69,6 +69,8 @@ class MLXResult:
             parts.append(f"{self.tokens_per_s:.1f} tok/s")
         if self.ttft_s is not None:
             parts.append(f"first token {1000 * self.ttft_s:.0f} ms")
+        if self.timings.get("load_s"):
+            parts.append(f"model loaded in {self.timings['load_s']:.1f} s")
         if self.finish_reason != "stop":
             parts.append({"length": "stopped at max tokens", "cancelled": "interrupted"}.get(self.finish_reason, ""))
         return " · ".join(p for p in parts if p)
