@@ -152,6 +152,10 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
             "assert again.tokens == 3 and _mlx is again", timeout=30, output_hook=lambda msg: None
         )
         assert check["content"]["status"] == "ok", check["content"]
+        unknown = kc.execute_interactive("%%mlx -m no-such-model\nhi", timeout=30, output_hook=lambda msg: None)
+        content = unknown["content"]
+        assert content["status"] == "error" and content["ename"] == "UnknownModelError"
+        assert len(content["traceback"]) == 1 and "available: builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()

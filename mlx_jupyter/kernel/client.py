@@ -276,7 +276,11 @@ class LocalClient(MLXClient):
             return self._manager
 
     def reconfigure(self, **settings: Any) -> None:
-        """Apply new settings; a running engine takes them for its next decision."""
+        """Apply new settings; a running engine takes them for its next decision.
+
+        The manager reads these attributes afresh at each decision (under its own locks),
+        and a single attribute write is atomic, so no lock is needed here.
+        """
         self.settings.update(settings)
         manager = self._manager
         if manager is None:
