@@ -31,8 +31,14 @@ class ServerKernel(KernelManager):
     """A kernel the Jupyter server started (``POST api/kernels``), reached through its connection file.
 
     nbclient then runs cells in it without owning it: the server started it, with the
-    environment the server gives its kernels, and the server shuts it down.
+    environment the server gives its kernels, and the server shuts it down. ``owns_kernel``
+    is False, so a client waiting for a slow kernel's first reply takes it for alive
+    instead of asking this manager for a process it never started; ``has_kernel`` is True,
+    so nbclient does not start a kernel of its own.
     """
+
+    def __init__(self, connection_file: str) -> None:
+        super().__init__(connection_file=connection_file, owns_kernel=False)
 
     @property
     def has_kernel(self) -> bool:
