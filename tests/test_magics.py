@@ -85,6 +85,13 @@ def test_interpolate_leaves_json_and_missing_attributes_alone():
     assert interpolate('{"a": 1} {a} {obj.missing} {a.real}', ns) == '{"a": 1} 1 {obj.missing} 1'
 
 
+def test_interpolate_sends_nested_braces_of_json_and_code_as_written():
+    ns = {"a": 1}
+    for text in ('{"a": {"b": [1, {"c": 2}]}}', "if (a) { if (b) { c(); }}", "{{ a }} is Jinja", "{{}}"):
+        assert interpolate(text, ns) == text
+    assert interpolate("{{a}} is {a}", ns) == "{a} is 1"
+
+
 def test_code_format_inserts_the_code_as_a_new_cell(shell):
     result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 -f code\nHello")
     assert result.success, result.error_in_exec

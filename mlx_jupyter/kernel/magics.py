@@ -39,7 +39,9 @@ ENGINE_TRAITS = (
     "token_timeout",
 )
 DISCOVERY_TRAITS = ("server", "token", "request_timeout")
-_VARIABLE = re.compile(r"\{\{|\}\}|\{([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)\}")
+_NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+# {{name}} is an escaped {name}; any other brace (JSON, code, Jinja) is sent as written.
+_VARIABLE = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
 
 LINE_HELP = """\
 %mlx list                        loaded models (state, memory, idle countdown) and loadable ones
@@ -70,7 +72,7 @@ def cell_parser() -> _Parser:
     parser = _Parser(
         prog="%%mlx",
         description="Send the cell to a model as a prompt and stream the answer into the output. "
-        "{name} in the cell is replaced by the variable's value ({{ and }} are literal braces).",
+        "{name} in the cell is replaced by the variable's value ({{name}} sends {name} as written).",
         add_help=True,
     )
     parser.add_argument("-m", "--model", help="model id (default: MLXMagics.default_model, else the host's default)")
@@ -108,9 +110,9 @@ def interpolate(text: str, namespace: dict[str, Any]) -> str:
     """Replace ``{name}`` / ``{name.attr}`` by values from ``namespace``; unknown names stay as written."""
 
     def value(match: re.Match[str]) -> str:
-        if match.group(0) in ("{{", "}}"):
-            return match.group(0)[0]
-        head, *attrs = match.group(1).split(".")
+        if match.group(1) is not None:
+            return "{" + match.group(1) + "}"
+        head, *attrs = match.group(2).split(".")
         if head not in namespace:
             return match.group(0)
         obj = namespace[head]
