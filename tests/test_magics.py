@@ -143,6 +143,8 @@ def test_chat_keeps_the_conversation_until_reset(shell):
         ('%%mlx --system "unclosed\nhi', "cannot parse the options"),
         ("%%mlx\n   ", "the cell is empty"),
         ("%%mlx --chat --raw\nhi", "do not go together"),
+        ("%%mlx -o 2x\nhi", "not a variable name"),
+        ("%%mlx -o a.b\nhi", "not a variable name"),
         ("%mlx frobnicate", "invalid choice"),
     ],
 )
@@ -174,6 +176,9 @@ def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
 def test_bad_sampling_values_are_one_line_errors(shell):
     result, out = run(shell, f"%%mlx -m {TINY} --temperature -3\nhi")
     assert isinstance(result.error_in_exec, ClientError) and "temperature" in str(result.error_in_exec)
+    assert len(out.stdout.strip().splitlines()) == 1
+    result, out = run(shell, f"%%mlx -m {TINY} --max-tokens 0\nhi")  # not silently the default 512
+    assert isinstance(result.error_in_exec, ClientError) and "max_tokens" in str(result.error_in_exec)
     assert len(out.stdout.strip().splitlines()) == 1
 
 

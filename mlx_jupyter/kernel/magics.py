@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import keyword
 import re
 import shlex
 from typing import Any
@@ -244,6 +245,8 @@ class MLXMagics(Magics):
 
     def _cell(self, line: str, cell: str) -> None:
         args = self._cell_parser.parse_args(_split(line))
+        if args.output is not None and not (args.output.isidentifier() and not keyword.iskeyword(args.output)):
+            raise UsageError(f"%%mlx: -o {args.output!r} is not a variable name")
         text = cell.strip()
         if not text:
             raise UsageError("%%mlx: the cell is empty; write the prompt below the %%mlx line")
@@ -279,7 +282,9 @@ class MLXMagics(Magics):
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
 
     def _request(self, args: argparse.Namespace, text: str) -> dict[str, Any]:
-        request: dict[str, Any] = {"max_tokens": args.max_tokens or self.max_tokens}
+        # `is None`, not `or`: --max-tokens 0 is the host's to reject, not a cue for the default.
+        max_tokens = self.max_tokens if args.max_tokens is None else args.max_tokens
+        request: dict[str, Any] = {"max_tokens": max_tokens}
         model = args.model or self.default_model
         if model:
             request["model"] = model
