@@ -24,8 +24,10 @@ from mlx_jupyter.engine.models import ModelResolver
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 3.0  # discovery: a server that takes longer to say hello is not used
 HEALTH_TIMEOUT_S = 10.0  # health never waits behind a generation, so a slow answer means trouble
+# Discovery: a server that is not there refuses at once, so this bounds only one that
+# accepts and stalls. Too short, and a busy machine silently gets a second, local engine.
+PROBE_TIMEOUT_S = HEALTH_TIMEOUT_S
 # The server is on this machine (or named explicitly): proxy settings in the environment
 # are for the outside world and must not reroute the kernel's calls.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
