@@ -267,6 +267,44 @@ class NotFoundHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class CannedSSEHandler(http.server.BaseHTTPRequestHandler):
+    """Answers ``POST <path>`` with a canned Server-Sent Events body: faults the real server never sends."""
+
+    BODIES = {
+        "/ok/mlx/api/generate": b': comment\n\nevent: ping\n\ndata: {"text": "a"}\n\n'
+        b'data: {"text": "b", "finish_reason": "stop", "done": true}\n\n',
+        "/garbled/mlx/api/generate": b'data: {"text": "a"}\n\ndata: {"text": \n\n',
+    }
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.BODIES[self.path]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_stream_reader_skips_events_without_data_and_reports_a_garbled_one_as_one_error():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CannedSSEHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        chunks = list(mlx_client.ServerClient(f"{url}/ok/").generate({"prompt": "hi"}))
+        assert [c["text"] for c in chunks] == ["a", "b"] and chunks[-1]["finish_reason"] == "stop"
+        stream = mlx_client.ServerClient(f"{url}/garbled/").generate({"prompt": "hi"})
+        assert next(stream) == {"text": "a"}
+        with pytest.raises(ClientError, match="unreadable event from the Jupyter server"):
+            next(stream)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatch):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -170,16 +170,19 @@ class ServerClient(MLXClient):
                     event = line[len("event:") :].strip()
                 elif line.startswith("data:"):
                     data.append(line[len("data:") :].lstrip(" "))
-                elif not line and data:
-                    payload = json.loads("\n".join(data))
-                    if event == "error":
-                        raise _error_from_body(payload, None)
-                    yield payload
-                    if payload.get("done") or payload.get("finish_reason"):
-                        return
+                elif not line:  # an event ends; one without data is skipped (SSE spec)
+                    if data:
+                        payload = json.loads("\n".join(data))
+                        if event == "error":
+                            raise _error_from_body(payload, None)
+                        yield payload
+                        if payload.get("done") or payload.get("finish_reason"):
+                            return
                     event, data = "message", []
         except (OSError, http.client.HTTPException) as exc:
             raise ServerUnreachableError(f"lost the connection to the {self.host}: {exc}", "connection_lost") from None
+        except (ValueError, AttributeError) as exc:  # not UTF-8, not JSON, or not an object
+            raise ClientError(f"unreadable event from the {self.host}: {exc}", "bad_response") from None
         finally:
             response.close()  # an early close drops the connection: the server cancels the generation
 
