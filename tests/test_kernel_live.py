@@ -80,11 +80,23 @@ def text_of(nb: nbformat.NotebookNode) -> str:
     return "\n".join(parts)
 
 
+def metric(live: LiveServer, sample: str) -> float:
+    """One sample of the server's /metrics, named as exposed (``name{labels}``); 0 while absent."""
+    for line in live.client.get("metrics").text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == sample:
+            return float(value)
+    return 0.0
+
+
 def generate_requests(live: LiveServer) -> float:
-    """``mlx_requests_total`` for successful ``api/generate`` calls, from the server's /metrics."""
-    metrics = live.client.get("metrics").text
-    match = re.search(r'mlx_requests_total\{endpoint="api/generate",status="200"\} (\S+)', metrics)
-    return float(match.group(1)) if match else 0.0
+    """``mlx_requests_total`` for successful ``api/generate`` calls."""
+    return metric(live, 'mlx_requests_total{endpoint="api/generate",status="200"}')
+
+
+def idle(live: LiveServer) -> bool:
+    """No generation running (a model unloaded by the server's 1 s idle timeout counts as idle)."""
+    return all(m["active_requests"] == 0 for m in live.models())
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "model_management.ipynb", "openai_client.ipynb"])
@@ -105,9 +117,8 @@ def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers
 
 async def test_the_extension_exports_url_and_token_while_the_server_runs(jp_serverapp, jp_base_url):
     (extension,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
-    for _ in range(100):  # the export is the event loop's first callback, once the port is final
-        if ENV_URL in os.environ:
-            break
+    deadline = time.monotonic() + 30  # the export is the event loop's first callback, once the port is final
+    while ENV_URL not in os.environ and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert os.environ[ENV_URL] == f"http://{jp_serverapp.ip}:{jp_serverapp.port}{jp_base_url}"
     assert os.environ[ENV_TOKEN] == jp_serverapp.identity_provider.token
@@ -138,16 +149,19 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
             f"import os; assert os.environ['MLX_JUPYTER_SERVER_URL'] == {server.url!r}", timeout=30
         )
         assert exported["content"]["status"] == "ok", "the server did not export its URL to the kernel"
+        # A finished answer adds its tokens to this counter; a cancelled one adds none.
+        # That proves the cancel without racing the answer's natural end against a clock.
+        tokens = 'mlx_generated_tokens_total{model="builtin:tiny"}'
+        tokens_before = metric(server, tokens)
         msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
         assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
             "the generation did not start on the server"
         )
         started = time.monotonic()
         server.client.post(f"api/kernels/{kernel_id}/interrupt")  # what the stop button sends
-        assert wait_for(lambda: server.models()[0]["active_requests"] == 0, timeout=5, interval=0.05), (
-            "the server is still generating after the interrupt"
-        )
+        assert wait_for(lambda: idle(server), timeout=60, interval=0.05), "the server is still generating"
         cancelled_after = time.monotonic() - started
+        assert metric(server, tokens) == tokens_before, "the answer ran to its end: the interrupt did not cancel it"
         reply = kc.get_shell_msg(timeout=30)
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=30)
@@ -158,6 +172,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
             "assert again.tokens == 3 and _mlx is again", timeout=30, output_hook=lambda msg: None
         )
         assert check["content"]["status"] == "ok", check["content"]
+        assert metric(server, tokens) == tokens_before + 3, "the token counter does not see finished answers"
         unknown = kc.execute_interactive("%%mlx -m no-such-model\nhi", timeout=30, output_hook=lambda msg: None)
         content = unknown["content"]
         assert content["status"] == "error" and content["ename"] == "UnknownModelError"
@@ -244,11 +259,13 @@ def test_a_worker_killed_mid_answer_on_the_server_is_one_line(
     shell, server
 ):  # shell first: it checks for leftover processes after the server stops
     use_server(shell, server.url, server.token)
-    run_cell(shell, "%mlx load")
+    # The keep-alive outlasts the server's 1 s idle timeout, so this pid is still the worker
+    # that serves the answer below, however slow the machine.
+    assert run_cell(shell, "%mlx load --keep-alive 10m")[0].success
     pid = server.models()[0]["pid"]
 
     def kill_once_streaming():
-        if wait_for(lambda: server.models()[0]["active_requests"] == 1, timeout=30, interval=0.05):
+        if wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=30, interval=0.05):
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
