@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-args=(--no-browser)  # open the URL with the token that JupyterLab prints
+# No browser: open the URL with the token that JupyterLab prints. default_url makes that
+# URL (and /) the quickstart; the notebook argument alone would only open a browser there.
+args=(--no-browser --LabApp.default_url=/lab/tree/quickstart.ipynb)
 if [ "$(id -u)" = 0 ]; then
   args+=(--allow-root)  # containers often run as root; Jupyter refuses it unless told
 fi
