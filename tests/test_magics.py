@@ -11,6 +11,7 @@ import threading
 
 import pytest
 from IPython.core.error import UsageError
+from traitlets import TraitError
 
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
@@ -204,6 +205,15 @@ def test_config_traits_reach_the_running_local_engine(shell):
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
     manager = engine().manager
     assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
+
+
+def test_a_setting_the_engine_would_refuse_is_refused_by_config_and_the_engine_keeps_working(shell):
+    magics = shell.magics_manager.registry["MLXMagics"]
+    for name, value in [("max_loaded_models", 0), ("idle_timeout", -1.0), ("memory_limit", -1), ("max_tokens", 0)]:
+        with pytest.raises(TraitError, match="less than"):
+            setattr(magics, name, value)
+    result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 2\nhi")
+    assert result.success, result.error_in_exec
 
 
 def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):

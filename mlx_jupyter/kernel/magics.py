@@ -136,7 +136,7 @@ class MLXMagics(Magics):
     """
 
     default_model = Unicode("", config=True, help="Model for %%mlx when -m is not given; empty = the host's default.")
-    max_tokens = Int(512, config=True, help="Most tokens %%mlx generates when --max-tokens is not given.")
+    max_tokens = Int(512, min=1, config=True, help="Most tokens %%mlx generates when --max-tokens is not given.")
     temperature = Float(None, allow_none=True, config=True, help="Sampling temperature; None = the host's (greedy).")
     top_p = Float(None, allow_none=True, config=True, help="Nucleus sampling mass; None = the host's default.")
     format = CaselessStrEnum(FORMATS, "markdown", config=True, help="How %%mlx renders answers when -f is not given.")
@@ -145,8 +145,12 @@ class MLXMagics(Magics):
         config=True,
         help="Send the cell as a chat message (the model's chat template applies); False sends raw text, like --raw.",
     )
-    max_history = Int(20, config=True, help="Messages of the --chat conversation sent with each turn (oldest dropped).")
-    updates_per_second = Float(10.0, config=True, help="Most display updates per second while an answer streams.")
+    max_history = Int(
+        20, min=0, config=True, help="Messages of the --chat conversation sent with each turn (oldest dropped)."
+    )
+    updates_per_second = Float(
+        10.0, min=0.0, config=True, help="Most display updates per second while an answer streams."
+    )
     server = Unicode(
         "auto",
         config=True,
@@ -157,9 +161,13 @@ class MLXMagics(Magics):
     )
     token = Unicode("", config=True, help="Jupyter token for an explicit server URL (default: MLX_JUPYTER_TOKEN).")
     request_timeout = Float(600.0, config=True, help="Seconds a server call, or a pause in a stream, may take.")
-    idle_timeout = Float(300.0, config=True, help="Local engine: seconds an idle model stays loaded; 0 = never unload.")
-    max_loaded_models = Int(2, config=True, help="Local engine: resident models at most (LRU idle one is evicted).")
-    memory_limit = Int(0, config=True, help="Local engine: bytes of model memory at most; 0 = no limit.")
+    idle_timeout = Float(
+        300.0, min=0.0, config=True, help="Local engine: seconds an idle model stays loaded; 0 = never unload."
+    )
+    max_loaded_models = Int(
+        2, min=1, config=True, help="Local engine: resident models at most (LRU idle one is evicted)."
+    )
+    memory_limit = Int(0, min=0, config=True, help="Local engine: bytes of model memory at most; 0 = no limit.")
     model_dirs = List(Unicode(), config=True, help="Local engine: folders whose subfolders are loadable models.")
     allow_downloads = Bool(False, config=True, help="Local engine: may a Hugging Face repo id be downloaded.")
     queue_timeout = Float(60.0, config=True, help="Local engine: seconds a request waits for a model slot.")
