@@ -473,19 +473,21 @@ def _discover(config: Discovery) -> MLXClient:
     return LocalClient(config.local)
 
 
-def openai_base_url() -> str:
-    """``<server>/mlx/v1`` of the server serving this kernel (needs a server, not a local engine)."""
+def _server_client() -> ServerClient:
     client = get_client()
     if not isinstance(client, ServerClient):
         raise ClientError(
             "the OpenAI-compatible API needs a Jupyter server with mlx_jupyter; this kernel runs a local engine",
             "no_server",
         )
-    return client.url + "mlx/v1"
+    return client
+
+
+def openai_base_url() -> str:
+    """``<server>/mlx/v1`` of the server serving this kernel (needs a server, not a local engine)."""
+    return _server_client().url + "mlx/v1"
 
 
 def openai_api_key() -> str:
-    """The credential for ``openai_base_url()``: the Jupyter token."""
-    client = get_client()
-    openai_base_url()
-    return client.token or "unused"  # type: ignore[attr-defined]
+    """The credential for ``openai_base_url()``: the Jupyter token (the client insists on a non-empty key)."""
+    return _server_client().token or "unused"

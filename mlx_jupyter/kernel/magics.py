@@ -24,6 +24,7 @@ from mlx_jupyter.kernel.render import (
     available_table,
     extract_code,
     loaded_table,
+    megabytes,
     parse_json,
     render_status,
 )
@@ -241,7 +242,7 @@ class MLXMagics(Magics):
             print(f"available:\n{available_table(client.available())}")
         elif command == "load":
             status = self._with_models_hint(get_client().load, self._model(args.model), args.keep_alive)
-            print(f"{status['id']} loaded (pid {status['pid']}, {status['memory_bytes'] / 1e6:.1f} MB)")
+            print(f"{status['id']} loaded (pid {status['pid']}, {megabytes(status['memory_bytes'])})")
         elif command == "unload":
             status = get_client().unload(self._model(args.model))
             print(f"{status['id']} unloaded")
@@ -266,7 +267,7 @@ class MLXMagics(Magics):
         live = LiveAnswer(fmt, not args.no_stream, self.updates_per_second)
         pieces: list[str] = []
         final: dict[str, Any] = {}
-        stream = self._with_models_hint(client.generate, request)
+        stream = client.generate(request)  # an unknown model is reported by the first next()
         try:
             with contextlib.closing(stream):
                 for chunk in stream:
