@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
+import io
 import json
 import os
 import re
@@ -129,11 +131,12 @@ def test_chat_keeps_the_conversation_until_reset(shell):
     second = shell.user_ns["_mlx"]
     assert [m["role"] for m in magics.history] == ["user", "assistant", "user", "assistant"]
     assert second.usage["prompt_tokens"] > first.usage["prompt_tokens"] + 4, "history was not sent"
-    run(shell, "%mlx reset")
-    assert magics.history == [] and magics.chat_system is None
+    # Same question with max_history = 0: the system message and the question, no history.
     shell.run_line_magic("config", "MLXMagics.max_history = 0")
     run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nWhat is my name?")
-    assert shell.user_ns["_mlx"].usage["prompt_tokens"] < second.usage["prompt_tokens"]
+    assert shell.user_ns["_mlx"].usage["prompt_tokens"] < second.usage["prompt_tokens"], "max_history was ignored"
+    run(shell, "%mlx reset")
+    assert magics.history == [] and magics.chat_system is None
 
 
 @pytest.mark.parametrize(
@@ -262,9 +265,25 @@ def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
     assert result.success and shell.user_ns["_mlx"].tokens == 3
 
 
-def test_in_a_terminal_the_answer_is_printed_as_it_streams(shell, capsys):
-    result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 8 -f text\nHello")
+class RecordedWrites(io.StringIO):
+    """A stdout that keeps each write apart, to tell a streamed answer from one printed at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_in_a_terminal_the_answer_is_printed_as_it_streams(shell):
+    stdout = RecordedWrites()
+    with contextlib.redirect_stdout(stdout):
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 12 -f text\nHello")
     assert result.success, result.error_in_exec
-    printed = capsys.readouterr().out
-    assert printed.startswith(shell.user_ns["_mlx"].text)
-    assert f"[{TINY} · 8 tokens" in printed
+    answer = shell.user_ns["_mlx"]
+    before_footer = [w for w in stdout.writes[: stdout.writes.index(f"[{answer.footer()}]")] if w]
+    assert "".join(before_footer) == answer.text + "\n"
+    assert len(before_footer) > 2, "the answer was printed in one piece, not as it streamed"
+    assert f"[{TINY} · 12 tokens" in stdout.getvalue()
