@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import json
 import os
 import re
 import signal
@@ -126,9 +127,23 @@ async def test_the_extension_exports_url_and_token_while_the_server_runs(jp_serv
     assert ENV_URL not in os.environ and ENV_TOKEN not in os.environ
 
 
-def test_a_kernel_finds_the_server_through_its_runtime_file_too(server, monkeypatch):
-    monkeypatch.delenv(ENV_URL, raising=False)
-    monkeypatch.delenv(ENV_TOKEN, raising=False)
+def test_discovery_tries_the_exported_url_then_the_runtime_file_then_nothing_for_local(tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setenv("JPY_PARENT_PID", "4242")
+    info = {"url": "http://127.0.0.1:1111/b/", "base_url": "/b/", "token": "from-file"}
+    (tmp_path / "jpserver-4242.json").write_text(json.dumps(info))
+    monkeypatch.setenv(ENV_URL, "http://127.0.0.1:2222/a/")
+    monkeypatch.setenv(ENV_TOKEN, "from-env")
+    assert mlx_client.server_candidates(mlx_client.Discovery()) == [
+        ("http://127.0.0.1:2222/a/", "from-env"),
+        ("http://127.0.0.1:1111/b/", "from-file"),
+    ]
+    assert mlx_client.server_candidates(mlx_client.Discovery(server="local")) == []
+
+
+def test_a_kernel_finds_the_server_through_its_runtime_file_when_the_exported_url_is_dead(server, monkeypatch):
+    monkeypatch.setenv(ENV_URL, f"http://127.0.0.1:{free_port()}/")  # tried first, refuses
+    monkeypatch.setenv(ENV_TOKEN, "stale")
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.tmp / "runtime"))
     monkeypatch.setenv("JPY_PARENT_PID", str(server.proc.pid))
     assert mlx_client.runtime_file_server() == (server.url, server.token)
