@@ -382,7 +382,7 @@ class Discovery:
     """
 
     server: str = "auto"
-    token: str = ""
+    token: str = field(default="", repr=False)  # a repr may end up in a shared notebook's output
     timeout: float = 600.0
     local: dict[str, Any] = field(default_factory=dict)
 
