@@ -24,10 +24,10 @@ from mlx_jupyter.engine.models import ModelResolver
 
 log = logging.getLogger(__name__)
 
-HEALTH_TIMEOUT_S = 10.0  # health never waits behind a generation, so a slow answer means trouble
-# Discovery: a server that is not there refuses at once, so this bounds only one that
-# accepts and stalls. Too short, and a busy machine silently gets a second, local engine.
-PROBE_TIMEOUT_S = HEALTH_TIMEOUT_S
+# Health never waits behind a generation, so a slower answer means trouble. Discovery
+# probes with it too: a server that is not there refuses at once, so this bounds only one
+# that accepts and stalls; shorter, and a busy machine silently gets a second, local engine.
+HEALTH_TIMEOUT_S = 10.0
 # The server is on this machine (or named explicitly): proxy settings in the environment
 # are for the outside world and must not reroute the kernel's calls.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -461,7 +461,7 @@ def _discover(config: Discovery) -> MLXClient:
     for url, token in server_candidates(config):
         client = ServerClient(url, token, config.timeout)
         try:
-            client._call("GET", "mlx/api/health", timeout=PROBE_TIMEOUT_S)
+            client.health()
         except AuthError:
             return client  # the extension is there; its errors say what to fix
         except ClientError as exc:
