@@ -208,6 +208,8 @@ def test_config_traits_reach_the_running_local_engine(shell):
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
     manager = engine().manager
     assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
+    shell.run_line_magic("config", "MLXMagics.default_model = ''")  # back to the engine's own default
+    assert manager.default_model == TINY
 
 
 def test_a_setting_the_engine_would_refuse_is_refused_by_config_and_the_engine_keeps_working(shell):

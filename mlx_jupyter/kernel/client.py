@@ -250,6 +250,9 @@ def _error_from_body(payload: Any, status: int | None) -> ClientError:
 
 # -- an engine hosted in the kernel ------------------------------------------------
 
+# What an empty MLXMagics.default_model gives a kernel-hosted engine: the engine's own default.
+ENGINE_DEFAULT_MODEL: str = WorkerManager.__init__.__kwdefaults__["default_model"]
+
 
 class LocalClient(MLXClient):
     """Hosts a WorkerManager and its IdleReaper in this kernel; they stop at kernel exit.

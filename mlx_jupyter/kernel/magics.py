@@ -186,10 +186,10 @@ class MLXMagics(Magics):
     # -- configuration ------------------------------------------------------------
 
     def local_settings(self) -> dict[str, Any]:
-        settings = {name: getattr(self, name) for name in ENGINE_TRAITS}
-        if self.default_model:
-            settings["default_model"] = self.default_model
-        return settings
+        # Always set, so that clearing default_model takes a running engine back to its own default.
+        return {name: getattr(self, name) for name in ENGINE_TRAITS} | {
+            "default_model": self.default_model or mlx_client.ENGINE_DEFAULT_MODEL
+        }
 
     def _configure_discovery(self) -> None:
         mlx_client.discovery.server = self.server
