@@ -176,6 +176,8 @@ def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
     assert "Traceback" not in out.stdout
     result, out = run(shell, "%mlx load no-such-model")
     assert f"available: {TINY}" in str(result.error_in_exec)
+    result, out = run(shell, "%mlx unload no-such-model")
+    assert str(result.error_in_exec) == "model 'no-such-model' is not loaded; loaded: none"
 
 
 def test_bad_sampling_values_are_one_line_errors(shell):

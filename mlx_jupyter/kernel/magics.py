@@ -244,7 +244,12 @@ class MLXMagics(Magics):
             status = self._with_models_hint(get_client().load, self._model(args.model), args.keep_alive)
             print(f"{status['id']} loaded (pid {status['pid']}, {megabytes(status['memory_bytes'])})")
         elif command == "unload":
-            status = get_client().unload(self._model(args.model))
+            model = self._model(args.model)
+            try:
+                status = get_client().unload(model)
+            except UnknownModelError as exc:  # the host's text points at its REST route; name the loaded ones
+                loaded = ", ".join(m["id"] for m in get_client().models()["models"]) or "none"
+                raise UnknownModelError(f"model {model!r} is not loaded; loaded: {loaded}", exc.code) from None
             print(f"{status['id']} unloaded")
         return None
 
