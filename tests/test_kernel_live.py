@@ -55,7 +55,7 @@ def server(tmp_path, model_dir):
     for kernel in live.client.get("api/kernels").json() if live.proc.poll() is None else []:
         live.client.delete(f"api/kernels/{kernel['id']}")
     live.stop()
-    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=5), "workers outlived the server"
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
 
 
 def start_kernel(live: LiveServer) -> tuple[str, ServerKernel]:
