@@ -135,6 +135,10 @@ def test_chat_keeps_the_conversation_until_reset(shell):
     shell.run_line_magic("config", "MLXMagics.max_history = 0")
     run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nWhat is my name?")
     assert shell.user_ns["_mlx"].usage["prompt_tokens"] < second.usage["prompt_tokens"], "max_history was ignored"
+    shell.run_line_magic("config", "MLXMagics.max_history = 3")  # cuts the first answer from its question
+    run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nAnd yours?")
+    sent = magics._request(magics._cell_parser.parse_args(["--chat"]), "Next?")["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"], "history must start with a question"
     run(shell, "%mlx reset")
     assert magics.history == [] and magics.chat_system is None
 

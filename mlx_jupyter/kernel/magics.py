@@ -317,6 +317,8 @@ class MLXMagics(Magics):
                 self.chat_system = args.system
             system = [{"role": "system", "content": self.chat_system}] if self.chat_system else []
             history = self.history[-self.max_history :] if self.max_history > 0 else []
+            if history and history[0]["role"] == "assistant":
+                history = history[1:]  # an odd max_history cut a turn; strict chat templates need user first
             request["messages"] = [*system, *history, {"role": "user", "content": text}]
         elif args.raw or not self.chat_template:
             request["prompt"] = f"{args.system}\n\n{text}" if args.system else text
