@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import importlib.metadata
 import json
 import os
 import platform
@@ -98,6 +99,8 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
     mx.random.seed(recipe.seed)
     rng = np.random.default_rng(recipe.seed)
     started = time.monotonic()
+    # The machine may be shared: the load average puts the training time in context.
+    load_at_start = os.getloadavg()[0]
 
     train_texts, held_texts, held_names = _split_topics()
     tokenizer = train_bpe_tokenizer(train_texts + held_texts, recipe.vocab_size)
@@ -155,13 +158,15 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
             history.append(entry)
             recent = []
             elapsed = time.monotonic() - started
-            print(f"step {i}/{recipe.steps}: train {entry['train_loss']:.3f}, held-out {held:.3f}, {elapsed:.0f}s", flush=True)
+            losses = f"train {entry['train_loss']:.3f}, held-out {held:.3f}"
+            print(f"step {i}/{recipe.steps}: {losses}, {elapsed:.0f}s", flush=True)
     train_s = time.monotonic() - started
 
     info = {
         "recipe": asdict(recipe),
         "python": platform.python_version(),
         "mlx": mx.__version__,
+        "mlx_lm": importlib.metadata.version("mlx-lm"),
         "data": {
             "source": "pydoc_data.topics",
             "topics": len(train_texts) + len(held_texts),
@@ -169,11 +174,13 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
             "train_tokens": len(train_ids),
             "held_out_tokens": len(held_ids),
             "held_out_topics": held_names,
+            "held_out_windows": held_x.shape[0],
         },
         "parameters": int(n_params),
         "history": history,
         "train_seconds": round(train_s, 1),
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, mlx cpu, BLAS: {os.environ.get(_BLAS_ENV, 'bundled')}",
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, BLAS: {os.environ.get(_BLAS_ENV, 'bundled')}",
+        "load_average": [round(load_at_start, 1), round(os.getloadavg()[0], 1)],
     }
     _write_folder(out, model, tokenizer, config, info)
     print(f"wrote {out} in {time.monotonic() - started:.0f}s", flush=True)
@@ -252,6 +259,9 @@ def _model_card(info: dict[str, Any], folder: Path) -> str:
         held_out_names=", ".join(info["data"]["held_out_topics"]),
         python=info["python"],
         mlx=info["mlx"],
+        mlx_lm=info["mlx_lm"],
+        load_start=info["load_average"][0],
+        load_end=info["load_average"][1],
         parameters=f"{info['parameters']:,}",
         size_mb=f"{(folder / 'model.safetensors').stat().st_size / 1e6:.1f}",
         hardware=info["hardware"],

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
+# The model a request gets when it names none: trained, small, shipped in the package.
+DEFAULT_MODEL = "builtin:pydoc"
 
 _LIST_HINT = "list the loadable models with GET mlx/api/models/available"
 _ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
@@ -167,7 +169,7 @@ class ModelResolver:
         Built-in models first, then ``model_dirs`` folders, then the Hugging Face
         cache, each group sorted by id.
         """
-        builtins = [_spec(BUILTIN_PREFIX + name, builtin_model_path(name), "builtin") for name in BUILTIN_NAMES]
+        builtins = list(self._builtin_models())
         dirs = sorted(self._dir_models(), key=lambda s: s.id)
         hf = sorted(self._hf_models(), key=lambda s: s.id)
         return builtins + dirs + hf
@@ -228,6 +230,15 @@ class ModelResolver:
         if not (Path(path) / "config.json").is_file():
             raise ModelLoadError(f"model {repo_id!r} has no config.json at {path}; it is not a model mlx-lm can load")
         return Path(path)
+
+    def _builtin_models(self) -> Iterator[ModelSpec]:
+        for name in BUILTIN_NAMES:
+            try:
+                path = builtin_model_path(name)
+            except ModelLoadError:
+                # A damaged install must not break the listing; resolve() says what is wrong.
+                continue
+            yield _spec(BUILTIN_PREFIX + name, path, "builtin")
 
     def _dir_models(self) -> Iterator[ModelSpec]:
         seen: set[str] = set()
