@@ -180,7 +180,9 @@ def test_builtin_pydoc_resolves_to_the_packaged_folder_without_writing_anything(
     assert not (isolated_caches / "mlx-cache").exists(), "resolving the packaged model built something"
 
 
-def test_a_missing_packaged_model_is_a_clear_load_error_and_left_out_of_the_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_missing_packaged_model_is_a_clear_load_error_and_left_out_of_the_list(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr("mlx_jupyter.engine.models.PACKAGED_MODELS", tmp_path / "nothing")
 
     with pytest.raises(ModelLoadError, match=r"builtin:pydoc.*missing from the package.*train_builtin\.py"):
