@@ -285,12 +285,12 @@ def _use_fast_blas() -> None:
     if sys.platform != "linux" or _BLAS_ENV in os.environ:
         return
     found = ctypes.util.find_library("openblas")
-    env = dict(os.environ, **{_BLAS_ENV: found or "bundled"})
-    if found:
-        env["LD_PRELOAD"] = " ".join(filter(None, [found, os.environ.get("LD_PRELOAD")]))
-    else:
+    if not found:
         print("OpenBLAS not found (apt-get install libopenblas0-pthread): training will be slow", flush=True)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.environ[_BLAS_ENV] = "bundled"
+        return
+    preload = " ".join(filter(None, [found, os.environ.get("LD_PRELOAD")]))
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=preload, **{_BLAS_ENV: found}))
 
 
 if __name__ == "__main__":
