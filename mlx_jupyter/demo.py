@@ -8,6 +8,7 @@ import sys
 import time
 
 from mlx_jupyter.engine import IdleReaper, WorkerManager
+from mlx_jupyter.engine.models import DEFAULT_MODEL
 
 
 def _countdown(manager: WorkerManager) -> None:
@@ -29,9 +30,9 @@ def _countdown(manager: WorkerManager) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlx-jupyter-demo", description=__doc__)
-    parser.add_argument("--model", default="builtin:tiny", help="model id (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="model id (default: %(default)s)")
     parser.add_argument("--model-dir", action="append", default=[], help="a model_dirs folder (repeatable)")
-    parser.add_argument("--prompt", default="Beautiful is better than", help="prompt to complete")
+    parser.add_argument("--prompt", default="The for statement", help="prompt to complete")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds before the idle unload")

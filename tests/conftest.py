@@ -52,6 +52,8 @@ def make_manager():
     made: list[WorkerManager] = []
 
     def make(**kwargs) -> WorkerManager:
+        # The built-in default is builtin:pydoc; tests that need no real text use the faster tiny model.
+        kwargs.setdefault("default_model", "builtin:tiny")
         kwargs.setdefault("idle_timeout", 0)
         kwargs.setdefault("queue_timeout", 30)
         kwargs.setdefault("first_token_timeout", 30)
@@ -95,6 +97,7 @@ def reaper_for():
 def mlx_config() -> dict:
     """MLXExtension settings for the in-process Jupyter server (tests may change them)."""
     return {
+        "default_model": "builtin:tiny",
         "idle_timeout": 0,
         "queue_timeout": 10,
         "first_token_timeout": 30,

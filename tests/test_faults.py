@@ -237,7 +237,7 @@ def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_proce
         from tests.helpers import child_pids
 
         warnings.simplefilter("always")
-        manager = WorkerManager(idle_timeout=0)
+        manager = WorkerManager(idle_timeout=0, default_model="builtin:tiny")
         outcome = []
 
         def ask():

@@ -18,6 +18,7 @@ from mlx_jupyter.engine.errors import (
     ModelNotFoundError,
 )
 from mlx_jupyter.engine.models import (
+    PACKAGED_MODELS,
     ModelResolver,
     ModelSpec,
     builtin_model_path,
@@ -125,8 +126,9 @@ def test_concurrent_builtin_creation_yields_one_complete_copy() -> None:
     assert (paths[0] / "config.json").is_file()
 
 
-def test_builtin_config_matches_its_tokenizer_and_context_length() -> None:
-    path = builtin_model_path()
+@pytest.mark.parametrize("name", ["tiny", "pydoc"])
+def test_builtin_config_matches_its_tokenizer_and_context_length(name: str) -> None:
+    path = builtin_model_path(name)
     config = json.loads((path / "config.json").read_text())
     tokenizer = json.loads((path / "tokenizer.json").read_text())
 
@@ -136,11 +138,12 @@ def test_builtin_config_matches_its_tokenizer_and_context_length() -> None:
     assert tokenizer["decoder"]["type"] == "ByteLevel"
 
 
-def test_builtin_model_loads_and_generates_text_with_mlx_lm() -> None:
+@pytest.mark.parametrize("name", ["tiny", "pydoc"])
+def test_builtin_model_loads_and_generates_text_with_mlx_lm(name: str) -> None:
     import mlx_lm
     from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 
-    model, tokenizer = mlx_lm.load(str(builtin_model_path()))
+    model, tokenizer = mlx_lm.load(str(builtin_model_path(name)))
     assert isinstance(tokenizer.detokenizer, BPEStreamingDetokenizer)
     assert tokenizer.eos_token == "<|endoftext|>"
 
@@ -166,6 +169,25 @@ def test_resolve_builtin_id_gives_builtin_spec() -> None:
         "builtin",
         (builtin_model_path() / "model.safetensors").stat().st_size,
     )
+
+
+def test_builtin_pydoc_resolves_to_the_packaged_folder_without_writing_anything(isolated_caches: Path) -> None:
+    spec = ModelResolver().resolve("builtin:pydoc")
+
+    assert spec.path == PACKAGED_MODELS / "pydoc"
+    assert spec.source == "builtin"
+    assert spec.size_bytes == (spec.path / "model.safetensors").stat().st_size > 0
+    assert not (isolated_caches / "mlx-cache").exists(), "resolving the packaged model built something"
+
+
+def test_a_missing_packaged_model_is_a_clear_load_error_and_left_out_of_the_list(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("mlx_jupyter.engine.models.PACKAGED_MODELS", tmp_path / "nothing")
+
+    with pytest.raises(ModelLoadError, match=r"builtin:pydoc.*missing from the package.*train_builtin\.py"):
+        ModelResolver().resolve("builtin:pydoc")
+    assert [s.id for s in ModelResolver().available()] == ["builtin:tiny"]
 
 
 def test_unknown_builtin_name_raises_model_not_found() -> None:
@@ -296,10 +318,11 @@ def test_available_lists_builtin_then_model_dirs_then_hf_cache(
     found = resolver.available()
 
     assert [(s.id, s.source) for s in found] == [
+        ("builtin:pydoc", "builtin"),
         ("builtin:tiny", "builtin"),
         ("alpha", "dir"),
         ("zeta", "dir"),
         ("org/name", "hf-cache"),
     ]
-    assert found[1].path == tmp_path / "a" / "alpha"
+    assert found[2].path == tmp_path / "a" / "alpha"
     assert all(resolver.resolve(s.id) == s for s in found)

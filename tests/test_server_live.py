@@ -57,6 +57,7 @@ class LiveServer:
                 f"--IdentityProvider.token={self.token}",
                 "--ServerApp.allow_unauthenticated_access=False",
                 f"--ServerApp.root_dir={tmp}",
+                "--MLXExtension.default_model=builtin:tiny",
                 "--MLXExtension.idle_timeout=1",
                 "--MLXExtension.max_loaded_models=2",
                 "--MLXExtension.queue_timeout=20",

@@ -30,7 +30,7 @@ from mlx_jupyter.engine.errors import (
     error_from_frame,
 )
 from mlx_jupyter.engine.locks import LockWatchdog, RankedLock, assert_no_locks_held
-from mlx_jupyter.engine.models import ModelResolver, ModelSpec
+from mlx_jupyter.engine.models import DEFAULT_MODEL, ModelResolver, ModelSpec
 from mlx_jupyter.engine.params import GenerationRequest, parse_keep_alive, validate_request
 from mlx_jupyter.engine.types import GenerationChunk, GenerationResult, ModelStatus
 from mlx_jupyter.engine.worker import WorkerProcess
@@ -125,7 +125,7 @@ class WorkerManager:
         max_loaded_models: int = 2,
         memory_limit: int = 0,
         model_dirs: Sequence[str] = (),
-        default_model: str = "builtin:tiny",
+        default_model: str = DEFAULT_MODEL,
         allow_downloads: bool = False,
         queue_timeout: float = 60.0,
         spawn_timeout: float = 60.0,

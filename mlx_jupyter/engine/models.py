@@ -1,4 +1,4 @@
-"""Model references: the built-in tiny model, model_dirs folders, the HF cache."""
+"""Model references: the built-in models, model_dirs folders, the HF cache."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 BUILTIN_PREFIX = "builtin:"
+# The model a request gets when it names none: trained, small, shipped in the package.
+DEFAULT_MODEL = "builtin:pydoc"
 
 _LIST_HINT = "list the loadable models with GET mlx/api/models/available"
 _ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
@@ -84,15 +86,24 @@ def hf_hub_cache() -> Path:
 
 
 def builtin_model_path(name: str = "tiny") -> Path:
-    """Return the folder of built-in model ``name``, creating it on first use.
+    """Return the folder of built-in model ``name``.
 
-    Creation is atomic: the model is written to a temporary folder beside its
-    final place and renamed; when another thread or process wins that race, its
-    copy is used. The folder name carries a version, so a changed recipe builds a
-    fresh copy instead of reusing a stale one.
+    ``pydoc`` ships trained inside the package and is only read. ``tiny`` is
+    built on first use in the cache, atomically: it is written to a temporary
+    folder beside its final place and renamed; when another thread or process
+    wins that race, its copy is used. Its folder name carries a version, so a
+    changed recipe builds a fresh copy instead of reusing a stale one.
     """
+    if name == "pydoc":
+        target = PACKAGED_MODELS / "pydoc"
+        if not (target / "config.json").is_file():
+            raise ModelLoadError(
+                f"built-in model 'builtin:pydoc' is missing from the package ({target} has no config.json); "
+                "reinstall mlx-jupyter or regenerate it with scripts/train_builtin.py"
+            )
+        return target
     if name not in _BUILTINS:
-        known = ", ".join(sorted(_BUILTINS))
+        known = ", ".join(sorted(BUILTIN_NAMES))
         raise ModelNotFoundError(f"unknown built-in model {name!r}; built-in models: {known}")
     folder_name, write = _BUILTINS[name]
     target = cache_dir() / "builtin" / folder_name
@@ -158,15 +169,15 @@ class ModelResolver:
         Built-in models first, then ``model_dirs`` folders, then the Hugging Face
         cache, each group sorted by id.
         """
-        builtins = [_spec(BUILTIN_PREFIX + name, builtin_model_path(name), "builtin") for name in sorted(_BUILTINS)]
+        builtins = list(self._builtin_models())
         dirs = sorted(self._dir_models(), key=lambda s: s.id)
         hf = sorted(self._hf_models(), key=lambda s: s.id)
         return builtins + dirs + hf
 
     def _resolve_builtin(self, model_id: str) -> ModelSpec:
         name = model_id[len(BUILTIN_PREFIX) :]
-        if name not in _BUILTINS:
-            known = ", ".join(BUILTIN_PREFIX + n for n in sorted(_BUILTINS))
+        if name not in BUILTIN_NAMES:
+            known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
             raise ModelNotFoundError(f"unknown model {model_id!r}: built-in models are {known}; {_LIST_HINT}")
         return _spec(model_id, builtin_model_path(name), "builtin")
 
@@ -219,6 +230,15 @@ class ModelResolver:
         if not (Path(path) / "config.json").is_file():
             raise ModelLoadError(f"model {repo_id!r} has no config.json at {path}; it is not a model mlx-lm can load")
         return Path(path)
+
+    def _builtin_models(self) -> Iterator[ModelSpec]:
+        for name in BUILTIN_NAMES:
+            try:
+                path = builtin_model_path(name)
+            except ModelLoadError:
+                # A damaged install must not break the listing; resolve() says what is wrong.
+                continue
+            yield _spec(BUILTIN_PREFIX + name, path, "builtin")
 
     def _dir_models(self) -> Iterator[ModelSpec]:
         seen: set[str] = set()
@@ -302,16 +322,18 @@ def _describe_dirs(dirs: Sequence[Path]) -> str:
     return ", ".join(str(d) for d in dirs) if dirs else "none configured"
 
 
-# --- the built-in tiny model -------------------------------------------------
+# --- the built-in models ------------------------------------------------------
 
-_SPECIAL_TOKENS = [
+# Trained models that ship inside the package, one folder per name.
+PACKAGED_MODELS = Path(__file__).resolve().parent.parent / "builtin_models"
+SPECIAL_TOKENS = [
     "<|endoftext|>",
     "<|system|>",
     "<|user|>",
     "<|assistant|>",
     "<|end|>",
 ]
-_EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"
 _TINY_VOCAB_SIZE = 384
 _TINY_CONTEXT = 512
 _TINY_SEED = 0
@@ -323,16 +345,19 @@ _CHAT_TEMPLATE = (
 
 def _write_tiny(folder: Path) -> None:
     """Write a random-weight llama that mlx-lm loads, byte-identical every time."""
-    tokenizer = _train_tokenizer()
-    config = _tiny_config(tokenizer)
-    _save_weights(random_llama_weights(config, _TINY_SEED), folder / "model.safetensors")
-    _write_json(folder / "config.json", config)
-    (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json", _tokenizer_config())
-    _write_json(
-        folder / "special_tokens_map.json",
-        {"bos_token": _EOS, "eos_token": _EOS, "pad_token": _EOS},
+    tokenizer = train_bpe_tokenizer([_zen_of_python()], _TINY_VOCAB_SIZE)
+    config = llama_config(
+        tokenizer,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        context=_TINY_CONTEXT,
+        dtype="float32",
     )
+    _save_weights(random_llama_weights(config, _TINY_SEED), folder / "model.safetensors")
+    write_model_files(folder, tokenizer, config)
 
 
 def _zen_of_python() -> str:
@@ -348,7 +373,8 @@ def _zen_of_python() -> str:
     raise ModelLoadError("cannot build builtin:tiny: no text found in 'this'")
 
 
-def _train_tokenizer() -> Tokenizer:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE tokenizer with our special tokens, trained on ``texts`` (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -356,35 +382,57 @@ def _train_tokenizer() -> Tokenizer:
     # mlx-lm picks its streaming BPE detokenizer from this ByteLevel decoder.
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=_TINY_VOCAB_SIZE,
-        special_tokens=_SPECIAL_TOKENS,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator([_zen_of_python()], trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer
 
 
-def _tiny_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    eos_id = tokenizer.token_to_id(_EOS)
+def llama_config(
+    tokenizer: Tokenizer,
+    *,
+    hidden_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    intermediate_size: int,
+    context: int,
+    dtype: str,
+) -> dict[str, Any]:
+    """A Hugging Face style llama ``config.json`` (tied embeddings) for ``tokenizer``."""
+    eos_id = tokenizer.token_to_id(EOS)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "intermediate_size": 128,
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "intermediate_size": intermediate_size,
         "hidden_act": "silu",
         "vocab_size": tokenizer.get_vocab_size(),
-        "max_position_embeddings": _TINY_CONTEXT,
+        "max_position_embeddings": context,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
         "tie_word_embeddings": True,
         "bos_token_id": eos_id,
         "eos_token_id": eos_id,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
     }
+
+
+def write_model_files(folder: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+    """Write everything but the weights: ``config.json`` and the tokenizer with its chat template."""
+    _write_json(folder / "config.json", config)
+    (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config(config["max_position_embeddings"]))
+    _write_json(
+        folder / "special_tokens_map.json",
+        {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS},
+    )
 
 
 def random_llama_weights(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
@@ -426,15 +474,15 @@ def _save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
     save_file(weights, str(path), metadata={"format": "mlx"})
 
 
-def _tokenizer_config() -> dict[str, Any]:
+def _tokenizer_config(context: int) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": _EOS,
-        "eos_token": _EOS,
-        "pad_token": _EOS,
+        "bos_token": EOS,
+        "eos_token": EOS,
+        "pad_token": EOS,
         # transformers 5 reads this v4 name too (as extra_special_tokens).
-        "additional_special_tokens": _SPECIAL_TOKENS[1:],
-        "model_max_length": _TINY_CONTEXT,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "model_max_length": context,
         "clean_up_tokenization_spaces": False,
         "chat_template": _CHAT_TEMPLATE,
     }
@@ -444,7 +492,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-# name -> (versioned folder name, writer); bump the version when a recipe changes.
+# Built in the cache on first use: name -> (versioned folder name, writer); bump the
+# version when a recipe changes. "pydoc" ships trained in PACKAGED_MODELS instead.
 _BUILTINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-v1", _write_tiny),
 }
+BUILTIN_NAMES = ("pydoc", "tiny")

@@ -10,6 +10,7 @@ from traitlets import Bool, Float, Int, List, Type, Unicode, default
 
 from mlx_jupyter import __version__
 from mlx_jupyter.engine.manager import WorkerManager
+from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.engine.reaper import IdleReaper
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.events import EventHub
@@ -51,7 +52,7 @@ class MLXExtension(ExtensionApp):
         a model's id is its folder name.""",
     )
     default_model = Unicode(
-        "builtin:tiny",
+        DEFAULT_MODEL,
         config=True,
         help="""Model used when a request names none.""",
     )
