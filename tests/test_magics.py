@@ -15,6 +15,7 @@ import pytest
 from IPython.core.error import UsageError
 from traitlets import TraitError
 
+from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
 from mlx_jupyter.kernel.magics import interpolate
@@ -175,11 +176,11 @@ def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
     result, out = run(shell, "%%mlx -m no-such-model\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
     assert "unknown model 'no-such-model'" in str(result.error_in_exec)
-    assert f"available: {TINY}" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
     assert len(out.stdout.strip().splitlines()) == 1, out.stdout
     assert "Traceback" not in out.stdout
     result, out = run(shell, "%mlx load no-such-model")
-    assert f"available: {TINY}" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
     result, out = run(shell, "%mlx unload no-such-model")
     assert str(result.error_in_exec) == "model 'no-such-model' is not loaded; loaded: none"
 
@@ -194,16 +195,16 @@ def test_bad_sampling_values_are_one_line_errors(shell):
 
 
 def test_line_magics_load_list_status_unload(shell):
-    result, out = run(shell, "%mlx load --keep-alive 10m")
+    result, out = run(shell, "%mlx load --keep-alive 10m")  # no id: the engine's default model
     assert result.success, result.error_in_exec
-    assert f"{TINY} loaded (pid" in out.stdout
+    assert f"{DEFAULT_MODEL} loaded (pid" in out.stdout
     out = run(shell, "%mlx list")[1].stdout
     assert re.search(r"unloads in (10m00s|9m\d\ds)", out), out  # the countdown from the 10 min keep-alive
     assert "available:" in out and "builtin" in out
     out = run(shell, "%mlx status")[1].stdout
-    assert "this kernel (local engine)" in out and TINY in out
+    assert "this kernel (local engine)" in out and DEFAULT_MODEL in out
     result, out = run(shell, "%mlx unload")
-    assert result.success and f"{TINY} unloaded" in out.stdout
+    assert result.success and f"{DEFAULT_MODEL} unloaded" in out.stdout
     assert "no model loaded" in run(shell, "%mlx list")[1].stdout
     assert run(shell, "%mlx version")[1].stdout.startswith("mlx_jupyter ")
 
@@ -215,7 +216,7 @@ def test_config_traits_reach_the_running_local_engine(shell):
     manager = engine().manager
     assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
     shell.run_line_magic("config", "MLXMagics.default_model = ''")  # back to the engine's own default
-    assert manager.default_model == TINY
+    assert manager.default_model == DEFAULT_MODEL
 
 
 def test_a_setting_the_engine_would_refuse_is_refused_by_config_and_the_engine_keeps_working(shell):
