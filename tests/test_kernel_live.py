@@ -19,6 +19,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
+from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
@@ -191,7 +192,8 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
         unknown = kc.execute_interactive("%%mlx -m no-such-model\nhi", timeout=30, output_hook=lambda msg: None)
         content = unknown["content"]
         assert content["status"] == "error" and content["ename"] == "UnknownModelError"
-        assert len(content["traceback"]) == 1 and "available: builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
+        assert len(content["traceback"]) == 1
+        assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()
@@ -207,7 +209,7 @@ def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
         nb = run_notebook("quickstart.ipynb", km)
         output = text_of(nb)
         assert "models served by this kernel (local engine)" in output
-        worker = re.search(r"builtin:tiny\s+ready\s+(\d+)", output)
+        worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+ready\s+(\d+)", output)  # the notebook names no model
         assert worker, output[-2000:]
     finally:
         km.shutdown_kernel(now=False)
@@ -249,7 +251,7 @@ def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
     assert [m["id"] for m in server.models()] == ["tiny-a"]
     result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
-    assert "available: builtin:tiny, tiny-a, tiny-b" in one_line(out)
+    assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in one_line(out)
 
 
 def test_a_refused_token_is_one_line_that_says_what_to_set(
@@ -367,7 +369,7 @@ def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_
             "pid = get_client().load('builtin:tiny')['pid']"
         )
         assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
-        msg_id = kc.execute("%%mlx --raw --max-tokens 100000\nHello")
+        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 100000\nHello")
         while True:  # the first streamed display proves the generation is running
             msg = kc.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":
