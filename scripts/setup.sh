@@ -21,6 +21,7 @@ lab_stamp=.venv/.mlx-jupyter-labextension
 lab_want=$(cd labextension && cat package.json yarn.lock tsconfig.json .yarnrc.yml install.json src/*.ts style/* | sha256sum | cut -d' ' -f1)
 if [ ! -f "$lab_stamp" ] || [ "$(cat "$lab_stamp")" != "$lab_want" ] \
     || [ ! -f mlx_jupyter/labextension/package.json ] || [ ! -f mlx_jupyter/kernel/static/dashboard.js ]; then
+  rm -f "$lab_stamp"  # a failed build leaves partial output: build again next time
   log=.venv/labextension-build.log
   if ! (
     export PATH="$PWD/.venv/bin:$PATH"

@@ -28,6 +28,8 @@ function localNow(): number {
 export class ModelsModel {
   private _data: DashboardData = { state: EMPTY_STATE, available: [], error: '', pending: {} };
   private readonly _changed = new Signal<this, void>(this);
+  private readonly _ticked = new Signal<this, void>(this);
+  private readonly _clock: number;
   private readonly _poll: Poll;
   private readonly _abort = new AbortController();
   private _streaming = false;
@@ -41,11 +43,18 @@ export class ModelsModel {
       name: 'mlx-jupyter:models',
       standby: 'when-hidden'
     });
+    // One clock for every view, so the panel and the status bar show the same second.
+    this._clock = window.setInterval(() => this._ticked.emit(), 1000);
   }
 
   /** Emitted when the data changes (not on clock ticks). */
   get changed(): ISignal<this, void> {
     return this._changed;
+  }
+
+  /** Emitted every second: countdowns move. */
+  get ticked(): ISignal<this, void> {
+    return this._ticked;
   }
 
   get data(): DashboardData {
@@ -80,6 +89,7 @@ export class ModelsModel {
   }
 
   dispose(): void {
+    window.clearInterval(this._clock);
     this._abort.abort();
     this._poll.dispose();
   }

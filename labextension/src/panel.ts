@@ -10,7 +10,6 @@ import { DashboardView } from './table';
 export class ModelsPanel extends Widget {
   private readonly view: DashboardView;
   private readonly status: HTMLDivElement;
-  private timer = 0;
 
   constructor(
     private readonly model: ModelsModel,
@@ -42,15 +41,15 @@ export class ModelsPanel extends Widget {
   protected onAfterShow(msg: Message): void {
     void this.model.refreshAvailable();
     this.render();
-    this.timer = window.setInterval(() => this.render(), 1000);
+    this.model.ticked.connect(this.render, this);
   }
 
   protected onBeforeHide(msg: Message): void {
-    window.clearInterval(this.timer);
+    this.model.ticked.disconnect(this.render, this);
   }
 
   dispose(): void {
-    window.clearInterval(this.timer);
+    this.model.ticked.disconnect(this.render, this);
     this.model.changed.disconnect(this.render, this);
     super.dispose();
   }

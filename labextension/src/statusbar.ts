@@ -6,14 +6,12 @@ import { statusBarText } from './logic';
 import { ModelsModel } from './model';
 
 export class ModelsStatusItem extends Widget {
-  private readonly timer: number;
-
   constructor(private readonly model: ModelsModel) {
     super();
     this.addClass('mlx-status-item');
     this.node.title = 'Loaded MLX models (click to open the MLX models panel)';
     model.changed.connect(this.render, this);
-    this.timer = window.setInterval(() => this.render(), 1000);
+    model.ticked.connect(this.render, this);
     this.render();
   }
 
@@ -22,8 +20,8 @@ export class ModelsStatusItem extends Widget {
   }
 
   dispose(): void {
-    window.clearInterval(this.timer);
     this.model.changed.disconnect(this.render, this);
+    this.model.ticked.disconnect(this.render, this);
     super.dispose();
   }
 }

@@ -33,14 +33,15 @@ export interface DashboardData {
 
 interface Row {
   tr: HTMLTableRowElement;
-  state: HTMLTableCellElement;
-  memory: HTMLTableCellElement;
-  since: HTMLTableCellElement;
-  countdown: HTMLTableCellElement;
+  state: HTMLElement;
+  memory: HTMLElement;
+  since: HTMLElement;
+  countdown: HTMLElement;
   button: HTMLButtonElement;
 }
 
-const COLUMNS = ['model', 'state', 'memory', 'loaded', 'idle unload', ''];
+// Memory and load time sit under the model id, so the table fits a narrow sidebar.
+const COLUMNS = ['model', 'state', 'idle unload', ''];
 
 /**
  * Keeps one table row per model and updates its cells in place, so a tick every second
@@ -104,7 +105,7 @@ export class DashboardView {
       row.tr.dataset.state = stateKind(model);
       row.state.textContent = stateLabel(model);
       row.memory.textContent = formatBytes(model.memory_bytes);
-      row.since.textContent = model.loaded_at === null ? '–' : `${formatAge(now - model.loaded_at)} ago`;
+      row.since.textContent = model.loaded_at === null ? '' : `loaded ${formatAge(now - model.loaded_at)} ago`;
       row.since.title = model.loaded_at === null ? '' : new Date(model.loaded_at * 1000).toLocaleString();
       row.countdown.textContent = countdownText(model, now);
       const busy = data.pending[model.id] === 'unload' || stateKind(model) === 'unloading';
@@ -150,20 +151,27 @@ export class DashboardView {
     const tr = this.tbody.insertRow();
     tr.className = 'mlx-model';
     tr.dataset.model = id;
-    const cells = COLUMNS.map(() => tr.insertCell());
-    cells[0].textContent = id;
-    cells[0].className = 'mlx-model-id';
-    cells[1].className = 'mlx-model-state';
-    cells[2].className = 'mlx-model-memory';
-    cells[3].className = 'mlx-model-since';
-    cells[4].className = 'mlx-model-countdown';
+    const [model, state, countdown, action] = COLUMNS.map(() => tr.insertCell());
+    const span = (className: string, text = '') => {
+      const node = document.createElement('span');
+      node.className = className;
+      node.textContent = text;
+      return node;
+    };
+    const details = span('mlx-model-details');
+    const memory = span('mlx-model-memory');
+    const since = span('mlx-model-since');
+    details.append(memory, ' · ', since);
+    model.append(span('mlx-model-id', id), details);
+    state.className = 'mlx-model-state';
+    countdown.className = 'mlx-model-countdown';
     const button = document.createElement('button');
     button.className = 'mlx-unload-button';
     button.textContent = 'Unload';
     button.title = `Unload ${id} once its requests finish`;
     button.addEventListener('click', () => this.actions.unload(id));
-    cells[5].appendChild(button);
-    const row = { tr, state: cells[1], memory: cells[2], since: cells[3], countdown: cells[4], button };
+    action.appendChild(button);
+    const row = { tr, state, memory, since, countdown, button };
     this.rows.set(id, row);
     return row;
   }

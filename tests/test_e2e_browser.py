@@ -1,0 +1,170 @@
+"""JupyterLab in Debian's headless chromium: the MLX panel, its countdown, unload, and a notebook."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_for
+from tests.test_server_live import LiveServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts" / "e2e"
+IDLE_TIMEOUT = 45  # long enough not to race the test, short enough to watch it tick
+# Without the background-networking flags chromium keeps calling home on a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PANEL = "#mlx-models-panel"
+TINY_ROW = f'{PANEL} tr.mlx-model[data-model="builtin:tiny"]'
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (scripts/setup.sh installs it)")
+
+
+@pytest.fixture
+def jp_asyncio_loop():
+    """pytest-jupyter's loop fixture would close Playwright's running loop: give it its own."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, model_dir) -> Iterator[LiveServer]:
+    tmp = tmp_path_factory.mktemp("lab")
+    # JupyterLab's news pop-up would cover the page for nothing.
+    labconfig = tmp / "config" / "labconfig"
+    labconfig.mkdir(parents=True)
+    disabled = {"@jupyterlab/apputils-extension:announcements": True}
+    (labconfig / "page_config.json").write_text(json.dumps({"disabledExtensions": disabled}))
+    server = LiveServer(
+        tmp,
+        model_dir,
+        app="jupyterlab",
+        idle_timeout=IDLE_TIMEOUT,
+        extra_args=(
+            "--MLXExtension.default_model=builtin:tiny",
+            "--LabApp.expose_app_in_browser=True",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+        ),
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, lab):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {ARTIFACTS}")
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(f"{lab.url}lab?token={lab.token}")
+    page.wait_for_selector(".jp-LabShell", state="attached", timeout=60_000)
+    yield page
+    context.close()
+
+
+def shot(page, name: str) -> None:
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+def seconds_left(text: str) -> int:
+    match = re.fullmatch(r"unloads in (\d+):(\d\d)", text)
+    assert match, f"not a countdown: {text!r}"
+    return int(match[1]) * 60 + int(match[2])
+
+
+def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
+    page.click('.jp-SideBar .lm-TabBar-tab[data-id="mlx-models-panel"]')
+    page.wait_for_selector(f"{PANEL} .mlx-empty", state="visible")
+    page.wait_for_selector(f'{PANEL} .mlx-load-select option[value="builtin:tiny"]', state="attached")
+    assert page.inner_text(".mlx-status-item") == "MLX: no model loaded"
+    shot(page, "1-panel-empty")
+
+    page.select_option(f"{PANEL} .mlx-load-select", "builtin:tiny")
+    page.click(f"{PANEL} .mlx-load-button")
+    countdown = page.locator(f"{TINY_ROW} .mlx-model-countdown")
+    countdown.filter(has_text="unloads in").wait_for()
+    assert [m["id"] for m in lab.models()] == ["builtin:tiny"]
+    first = seconds_left(countdown.inner_text())
+    assert IDLE_TIMEOUT - 10 <= first <= IDLE_TIMEOUT, first
+    assert page.inner_text(f"{TINY_ROW} .mlx-model-state") == "idle"
+    assert page.inner_text(f"{TINY_ROW} .mlx-model-memory").endswith("iB")
+    status = page.inner_text(".mlx-status-item")
+    assert re.fullmatch(r"MLX: 1 loaded · next unload 0:\d\d", status), status
+    shot(page, "2-panel-loaded")
+
+    # It ticks in the browser: a later reading is lower, with no request between them.
+    assert wait_for(lambda: seconds_left(countdown.inner_text()) <= first - 2, timeout=10, interval=0.25)
+    shot(page, "3-panel-counting-down")
+
+    page.click(f"{TINY_ROW} .mlx-unload-button")
+    page.wait_for_selector(TINY_ROW, state="detached")
+    page.wait_for_selector(f"{PANEL} .mlx-empty", state="visible")
+    assert lab.models() == []
+    assert page.inner_text(".mlx-status-item") == "MLX: no model loaded"
+    assert page.inner_text(f"{PANEL} .mlx-panel-mode") == "live (server events)"
+    shot(page, "4-panel-unloaded")
+
+
+def quickstart(root: Path) -> str:
+    """The quickstart notebook copied into the server's root; its name there."""
+    source = ROOT / "notebooks" / "quickstart.ipynb"
+    if source.exists():
+        shutil.copy(source, root / source.name)
+        return source.name
+    # Until the magics' quickstart notebook lands: the smallest notebook that uses them.
+    cells = ["%load_ext mlx_jupyter", "%%mlx -m builtin:tiny --max-tokens 20\nThe Zen of Python"]
+    notebook = {
+        "cells": [
+            {"cell_type": "code", "metadata": {}, "source": c, "outputs": [], "execution_count": None} for c in cells
+        ],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    (root / "quickstart.ipynb").write_text(json.dumps(notebook))
+    return "quickstart.ipynb"
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("mlx_jupyter.kernel.magics") is None, reason="the %%mlx magics are not in this branch"
+)
+def test_quickstart_notebook_streams_mlx_output(page, lab):
+    name = quickstart(Path(lab.env["JUPYTER_CONFIG_DIR"]).parent)
+    page.goto(f"{lab.url}lab/tree/{name}?token={lab.token}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=60_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=60_000)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    mlx_cell = page.locator(".jp-CodeCell", has_text="%%mlx").first
+    output = mlx_cell.locator(".jp-OutputArea-output")
+    output.first.wait_for(timeout=60_000)
+    assert wait_for(lambda: len(output.first.inner_text().strip()) > 0, timeout=30)
+    assert "Error" not in mlx_cell.locator(".jp-OutputArea").inner_text()
+    shot(page, "5-quickstart-notebook")
