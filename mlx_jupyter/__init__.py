@@ -9,6 +9,19 @@ def _jupyter_server_extension_points() -> list[dict]:
     return [{"module": "mlx_jupyter.server.app", "app": MLXExtension}]
 
 
+def load_ipython_extension(shell) -> None:
+    """``%load_ext mlx_jupyter``: the %%mlx and %mlx magics."""
+    from mlx_jupyter.kernel.magics import load_ipython_extension
+
+    load_ipython_extension(shell)
+
+
+def unload_ipython_extension(shell) -> None:
+    from mlx_jupyter.kernel.magics import unload_ipython_extension
+
+    unload_ipython_extension(shell)
+
+
 def _jupyter_labextension_paths() -> list[dict]:
     # Where `jupyter labextension develop` links from: the build output of labextension/.
     return [{"src": "labextension", "dest": "mlx-jupyter"}]

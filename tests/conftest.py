@@ -122,3 +122,24 @@ def jp_server_config(mlx_config):
 def jp_base_url() -> str:
     """A non-root base_url, so every route is proven to live under it."""
     return "/base/url/"
+
+
+@pytest.fixture
+def shell():
+    """A fresh IPython InteractiveShell with ``%load_ext mlx_jupyter`` and a kernel-hosted engine.
+
+    The cached client is closed after the test, so no worker outlives it.
+    """
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from mlx_jupyter.kernel import client as mlx_client
+
+    InteractiveShell.clear_instance()
+    sh = InteractiveShell.instance()
+    sh.run_line_magic("load_ext", "mlx_jupyter")
+    sh.run_line_magic("config", "MLXMagics.server = 'local'")
+    sh.run_line_magic("config", "MLXMagics.idle_timeout = 0")
+    yield sh
+    mlx_client.reset_client()
+    InteractiveShell.clear_instance()
+    assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"

@@ -1,4 +1,4 @@
-"""Test helpers: polling with a deadline and finding this process's children."""
+"""Test helpers: polling with a deadline, finding this process's children, running IPython cells."""
 
 from __future__ import annotations
 
@@ -38,3 +38,12 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return fields[0] != "Z"
+
+
+def run_cell(shell, cell: str):
+    """Run ``cell`` in an IPython shell; returns its ExecutionResult and the captured output."""
+    from IPython.utils.capture import capture_output
+
+    with capture_output() as captured:
+        result = shell.run_cell(cell)
+    return result, captured

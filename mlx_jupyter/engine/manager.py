@@ -272,6 +272,7 @@ class WorkerManager:
             "models_loaded": loaded,
             "active_requests": busy,
             "degraded_reason": self.degraded,
+            "default_model": self.default_model,
         }
 
     def next_expiry(self) -> float | None:

@@ -13,6 +13,7 @@ from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.reaper import IdleReaper
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.events import EventHub
+from mlx_jupyter.server.kernel_env import KernelEnv
 from mlx_jupyter.server.metrics import EngineCollector
 
 
@@ -141,6 +142,8 @@ class MLXExtension(ExtensionApp):
                 "max_body_bytes": self.max_body_bytes,
             },
         )
+        self.kernel_env = KernelEnv(self.serverapp)
+        self.serverapp.io_loop.add_callback(self.kernel_env.export)
         self.log.info(
             "mlx_jupyter %s: idle_timeout=%ss, max_loaded_models=%s, default_model=%s",
             __version__,
@@ -162,6 +165,7 @@ class MLXExtension(ExtensionApp):
 
     async def stop_extension(self) -> None:
         self.log.info("mlx_jupyter: stopping the idle reaper and every model worker")
+        self.kernel_env.withdraw()
         self.events.close()
         self.collector.unregister()
         loop = asyncio.get_running_loop()

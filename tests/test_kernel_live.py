@@ -1,0 +1,258 @@
+"""Kernels started by a real Jupyter server use its models; the example notebooks run top to bottom."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
+from mlx_jupyter.kernel import client as mlx_client
+from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
+from tests.helpers import pid_alive, run_cell, wait_for
+from tests.test_server_live import LiveServer, free_port
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+CELL_TIMEOUT_S = 180
+
+
+class ServerKernel(KernelManager):
+    """A kernel the Jupyter server started (``POST api/kernels``), reached through its connection file.
+
+    nbclient then runs cells in it without owning it: the server started it, with the
+    environment the server gives its kernels, and the server shuts it down.
+    """
+
+    @property
+    def has_kernel(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def server(tmp_path, model_dir):
+    live = LiveServer(tmp_path, model_dir)
+    live.tmp = tmp_path
+    yield live
+    workers = [m["pid"] for m in live.models()] if live.proc.poll() is None else []
+    for kernel in live.client.get("api/kernels").json() if live.proc.poll() is None else []:
+        live.client.delete(f"api/kernels/{kernel['id']}")
+    live.stop()
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=5), "workers outlived the server"
+
+
+def start_kernel(live: LiveServer) -> tuple[str, ServerKernel]:
+    kernel_id = live.client.post("api/kernels", json={"name": "python3"}).json()["id"]
+    km = ServerKernel(connection_file=str(live.tmp / "runtime" / f"kernel-{kernel_id}.json"))
+    km.load_connection_file()
+    return kernel_id, km
+
+
+def run_notebook(name: str, km: KernelManager | None = None, **kwargs) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, kernel_name="python3", **kwargs).execute()
+    return nb
+
+
+def text_of(nb: nbformat.NotebookNode) -> str:
+    """Every text output of the executed notebook, joined."""
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            parts.append(output.get("data", {}).get("text/plain", ""))
+    return "\n".join(parts)
+
+
+def generate_requests(live: LiveServer) -> float:
+    """``mlx_requests_total`` for successful ``api/generate`` calls, from the server's /metrics."""
+    metrics = live.client.get("metrics").text
+    match = re.search(r'mlx_requests_total\{endpoint="api/generate",status="200"\} (\S+)', metrics)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "model_management.ipynb", "openai_client.ipynb"])
+def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers_models(server, name):
+    kernel_id, km = start_kernel(server)
+    before = generate_requests(server)
+    nb = run_notebook(name, km)
+    output = text_of(nb)
+    if name != "openai_client.ipynb":
+        assert f"models served by Jupyter server at {server.url}" in output
+        assert generate_requests(server) > before, "the notebook's cells did not reach the server's API"
+    else:
+        assert "builtin:tiny" in output
+    metrics = server.client.get("metrics").text
+    assert re.search(r"mlx_model_loads_total\{[^}]*\} [1-9]|mlx_model_loads_total [1-9]", metrics), metrics[-2000:]
+    server.client.delete(f"api/kernels/{kernel_id}")
+
+
+def test_a_kernel_finds_the_server_through_its_runtime_file_too(server, monkeypatch):
+    monkeypatch.delenv(ENV_URL, raising=False)
+    monkeypatch.delenv(ENV_TOKEN, raising=False)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.tmp / "runtime"))
+    monkeypatch.setenv("JPY_PARENT_PID", str(server.proc.pid))
+    assert mlx_client.runtime_file_server() == (server.url, server.token)
+    found = mlx_client._discover(mlx_client.Discovery())
+    assert isinstance(found, mlx_client.ServerClient) and found.url == server.url
+    assert found.health()["status"] == "ok"
+    found.close()
+
+
+def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
+    kernel_id, km = start_kernel(server)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        assert kc.execute_interactive("%load_ext mlx_jupyter", timeout=60)["content"]["status"] == "ok"
+        exported = kc.execute_interactive(
+            f"import os; assert os.environ['MLX_JUPYTER_SERVER_URL'] == {server.url!r}", timeout=30
+        )
+        assert exported["content"]["status"] == "ok", "the server did not export its URL to the kernel"
+        msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
+        assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
+            "the generation did not start on the server"
+        )
+        started = time.monotonic()
+        server.client.post(f"api/kernels/{kernel_id}/interrupt")  # what the stop button sends
+        assert wait_for(lambda: server.models()[0]["active_requests"] == 0, timeout=5, interval=0.05), (
+            "the server is still generating after the interrupt"
+        )
+        cancelled_after = time.monotonic() - started
+        reply = kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=30)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        after = kc.execute_interactive("%%mlx --max-tokens 3 -o again\nagain", timeout=60, output_hook=lambda msg: None)
+        assert after["content"]["status"] == "ok", after["content"]
+        check = kc.execute_interactive(
+            "assert again.tokens == 3 and _mlx is again", timeout=30, output_hook=lambda msg: None
+        )
+        assert check["content"]["status"] == "ok", check["content"]
+        print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
+    finally:
+        kc.stop_channels()
+        server.client.delete(f"api/kernels/{kernel_id}")
+
+
+def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_TOKEN, "JPY_PARENT_PID")}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")  # no jpserver-*.json: no server to find
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    try:
+        nb = run_notebook("quickstart.ipynb", km)
+        output = text_of(nb)
+        assert "models served by this kernel (local engine)" in output
+        worker = re.search(r"builtin:tiny\s+ready\s+(\d+)", output)
+        assert worker, output[-2000:]
+    finally:
+        km.shutdown_kernel(now=False)
+    assert wait_for(lambda: not pid_alive(int(worker.group(1))), timeout=10), "the kernel's worker outlived it"
+
+
+def test_the_notebooks_are_clean_of_outputs():
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+        assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} >= {
+        "quickstart.ipynb",
+        "model_management.ipynb",
+        "openai_client.ipynb",
+    }
+
+
+def use_server(shell, url: str, token: str) -> None:
+    shell.run_line_magic("config", f"MLXMagics.token = {token!r}")
+    shell.run_line_magic("config", f"MLXMagics.server = {url!r}")
+
+
+def one_line(captured) -> str:
+    lines = captured.stdout.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.stdout, captured.stdout
+    return lines[0]
+
+
+def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, server.token)
+    result, out = run_cell(shell, "%mlx status")
+    assert result.success and f"Jupyter server at {server.url}" in out.stdout
+    result, out = run_cell(shell, "%%mlx -m tiny-a --max-tokens 4\nhi")
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["_mlx"].model == "tiny-a" and shell.user_ns["_mlx"].tokens == 4
+    assert [m["id"] for m in server.models()] == ["tiny-a"]
+    result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
+    assert isinstance(result.error_in_exec, UnknownModelError)
+    assert "available: builtin:tiny, tiny-a, tiny-b" in one_line(out)
+
+
+def test_a_refused_token_is_one_line_that_says_what_to_set(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, "wrong")
+    result, out = run_cell(shell, "%%mlx --max-tokens 4\nhi")
+    assert isinstance(result.error_in_exec, AuthError)
+    assert "refused this kernel's credential (403" in one_line(out) and "MLX_JUPYTER_TOKEN" in one_line(out)
+    assert run_cell(shell, "1 + 1")[0].result == 2
+
+
+def test_an_unreachable_server_is_one_line(shell):
+    use_server(shell, f"http://127.0.0.1:{free_port()}/", "")
+    result, out = run_cell(shell, "%mlx list")
+    assert isinstance(result.error_in_exec, ServerUnreachableError)
+    assert "cannot reach the Jupyter server at" in one_line(out)
+    assert run_cell(shell, "1 + 1")[0].result == 2
+
+
+def test_a_worker_killed_mid_answer_on_the_server_is_one_line(
+    shell, server
+):  # shell first: it checks for leftover processes after the server stops
+    use_server(shell, server.url, server.token)
+    run_cell(shell, "%mlx load")
+    pid = server.models()[0]["pid"]
+
+    def kill_once_streaming():
+        if wait_for(lambda: server.models()[0]["active_requests"] == 1, timeout=30, interval=0.05):
+            os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_streaming, daemon=True).start()
+    result, out = run_cell(shell, "%%mlx --raw --max-tokens 8000\nHello")
+    assert isinstance(result.error_in_exec, ClientError) and result.error_in_exec.code == "worker_crashed"
+    assert "SIGKILL" in one_line(out)
+    result, _ = run_cell(shell, "%%mlx --max-tokens 3\nagain")
+    assert result.success and shell.user_ns["_mlx"].tokens == 3
+
+
+class NotFoundHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatch):
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFoundHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv(ENV_URL, f"http://127.0.0.1:{httpd.server_address[1]}/")
+        monkeypatch.delenv("JPY_PARENT_PID", raising=False)
+        found = mlx_client._discover(mlx_client.Discovery())
+        assert isinstance(found, LocalClient)
+        found.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -1,0 +1,239 @@
+"""The %%mlx and %mlx magics in a bare IPython InteractiveShell, served by a kernel-hosted engine."""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import signal
+import threading
+
+import pytest
+from IPython.core.error import UsageError
+
+from mlx_jupyter.kernel import client as mlx_client
+from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
+from mlx_jupyter.kernel.magics import interpolate
+from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
+from tests.helpers import run_cell as run
+from tests.helpers import wait_for
+
+TINY = "builtin:tiny"
+
+
+def engine() -> LocalClient:
+    client = mlx_client.get_client()
+    assert isinstance(client, LocalClient)
+    return client
+
+
+def test_a_cell_streams_display_updates_then_the_final_answer_with_metadata(shell):
+    shell.run_line_magic("config", "MLXMagics.updates_per_second = 0")  # every chunk updates the display
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 12 -o answer\nHello")
+    assert result.success, result.error_in_exec
+    answer = shell.user_ns["answer"]
+    assert shell.user_ns["_mlx"] is answer
+    assert isinstance(answer, MLXResult) and answer.model == TINY and answer.tokens == 12
+    assert answer.finish_reason == "length" and answer.ttft_s is not None and answer.tokens_per_s
+
+    first, *updates, footer = out.outputs
+    assert "text/markdown" in first.data
+    assert len(updates) >= 2, "the answer should have been updated while it streamed"
+    final = updates[-1]
+    assert final.data["text/markdown"] == answer.text
+    assert final.metadata["mlx"] == {
+        "model": TINY,
+        "tokens": 12,
+        "tokens_per_s": answer.tokens_per_s,
+        "ttft_s": answer.ttft_s,
+        "finish_reason": "length",
+    }
+    assert f"{TINY} · 12 tokens" in footer.data["text/plain"]
+    assert "first token" in footer.data["text/plain"]
+
+
+def test_display_updates_are_throttled(shell):
+    shell.run_line_magic("config", "MLXMagics.updates_per_second = 0.001")  # one per 1000 s
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 40\nHello")
+    assert result.success, result.error_in_exec
+    # The first chunk opens the display, the throttle holds back every other chunk,
+    # and the final rendering still replaces it: 40 tokens, three outputs.
+    assert len(out.outputs) == 3
+    assert out.outputs[1].data["text/markdown"] == shell.user_ns["_mlx"].text
+
+
+def test_no_stream_shows_only_the_final_answer(shell):
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 12 --no-stream -f text\nHello")
+    assert result.success, result.error_in_exec
+    answer, _footer = out.outputs
+    assert answer.data == {"text/plain": shell.user_ns["_mlx"].text}
+
+
+def test_variables_are_interpolated_and_unknown_names_left_as_written(shell):
+    shell.user_ns["topic"] = "tea"
+    shell.user_ns["cfg"] = type("Cfg", (), {"lang": "French"})()
+    cell = f"%%mlx -m {TINY} --max-tokens 2\nTell me about {{topic}} in {{cfg.lang}}, {{nope}} {{{{x}}}}"
+    result, _ = run(shell, cell)
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["_mlx"].prompt == "Tell me about tea in French, {nope} {x}"
+    run(shell, f"%%mlx -m {TINY} --max-tokens 2 --no-interpolate\nabout {{topic}}")
+    assert shell.user_ns["_mlx"].prompt == "about {topic}"
+
+
+def test_interpolate_leaves_json_and_missing_attributes_alone():
+    ns = {"a": 1, "obj": object()}
+    assert interpolate('{"a": 1} {a} {obj.missing} {a.real}', ns) == '{"a": 1} 1 {obj.missing} 1'
+
+
+def test_code_format_inserts_the_code_as_a_new_cell(shell):
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 -f code\nHello")
+    assert result.success, result.error_in_exec
+    code = shell.user_ns["_mlx"].value
+    assert code and shell.rl_next_input == code
+    assert out.outputs[-2].data["text/markdown"] == f"```\n{code}\n```"
+
+
+def test_json_format_renders_parsed_json_and_says_when_the_answer_is_not_json(shell):
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 -f json\nHello")
+    assert result.success, result.error_in_exec
+    assert "not valid JSON" in out.outputs[-1].data["text/plain"]
+    parsed = MLXResult(text='```json\n{"a": [1, 2]}\n```', model=TINY, finish_reason="stop", format="json")
+    parsed.value = json.loads(extract_code(parsed.text)[0])
+    assert final_bundle(parsed)["application/json"] == {"a": [1, 2]}
+
+
+def test_formats_map_to_mime_types():
+    def bundle(fmt: str, text: str) -> dict:
+        return final_bundle(MLXResult(text=text, model=TINY, finish_reason="stop", format=fmt, value=text))
+
+    assert bundle("html", "<b>x</b>") == {"text/html": "<b>x</b>", "text/plain": "<b>x</b>"}
+    assert bundle("text", "*x*") == {"text/plain": "*x*"}
+    assert bundle("markdown", "*x*")["text/markdown"] == "*x*"
+    assert bundle("code", "Here:\n```python\nprint(1)\n```\nDone")["text/markdown"] == "```python\nprint(1)\n```"
+
+
+def test_chat_keeps_the_conversation_until_reset(shell):
+    magics = shell.magics_manager.registry["MLXMagics"]
+    run(shell, f'%%mlx -m {TINY} --max-tokens 4 --chat --system "Be brief."\nMy name is Ada.')
+    first = shell.user_ns["_mlx"]
+    run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nWhat is my name?")
+    second = shell.user_ns["_mlx"]
+    assert [m["role"] for m in magics.history] == ["user", "assistant", "user", "assistant"]
+    assert second.usage["prompt_tokens"] > first.usage["prompt_tokens"] + 4, "history was not sent"
+    run(shell, "%mlx reset")
+    assert magics.history == [] and magics.chat_system is None
+    shell.run_line_magic("config", "MLXMagics.max_history = 0")
+    run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nWhat is my name?")
+    assert shell.user_ns["_mlx"].usage["prompt_tokens"] < second.usage["prompt_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "message"),
+    [
+        ("%%mlx --max-tokens many\nhi", "invalid int value"),
+        ("%%mlx -f pdf\nhi", "invalid choice"),
+        ("%%mlx --bogus\nhi", "unrecognized arguments"),
+        ('%%mlx --system "unclosed\nhi', "cannot parse the options"),
+        ("%%mlx\n   ", "the cell is empty"),
+        ("%%mlx --chat --raw\nhi", "do not go together"),
+        ("%mlx frobnicate", "invalid choice"),
+    ],
+)
+def test_bad_options_are_one_usage_error_and_the_kernel_keeps_working(shell, cell, message):
+    result, _ = run(shell, cell)
+    assert isinstance(result.error_in_exec, UsageError)
+    assert message in str(result.error_in_exec)
+    assert run(shell, "1 + 1")[0].result == 2
+
+
+def test_help_prints_and_does_not_exit(shell):
+    result, out = run(shell, "%%mlx --help\nignored")
+    assert result.success and "--max-tokens" in out.stdout and "--keep-alive" in out.stdout
+    result, out = run(shell, "%mlx help")
+    assert result.success and "%mlx load" in out.stdout
+
+
+def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
+    result, out = run(shell, "%%mlx -m no-such-model\nhi")
+    assert isinstance(result.error_in_exec, UnknownModelError)
+    assert "unknown model 'no-such-model'" in str(result.error_in_exec)
+    assert f"available: {TINY}" in str(result.error_in_exec)
+    assert len(out.stdout.strip().splitlines()) == 1, out.stdout
+    assert "Traceback" not in out.stdout
+    result, out = run(shell, "%mlx load no-such-model")
+    assert f"available: {TINY}" in str(result.error_in_exec)
+
+
+def test_bad_sampling_values_are_one_line_errors(shell):
+    result, out = run(shell, f"%%mlx -m {TINY} --temperature -3\nhi")
+    assert isinstance(result.error_in_exec, ClientError) and "temperature" in str(result.error_in_exec)
+    assert len(out.stdout.strip().splitlines()) == 1
+
+
+def test_line_magics_load_list_status_unload(shell):
+    result, out = run(shell, "%mlx load --keep-alive 10m")
+    assert result.success, result.error_in_exec
+    assert f"{TINY} loaded (pid" in out.stdout
+    out = run(shell, "%mlx list")[1].stdout
+    assert "unloads in 10m00s" in out or "unloads in 9m5" in out
+    assert "available:" in out and "builtin" in out
+    out = run(shell, "%mlx status")[1].stdout
+    assert "this kernel (local engine)" in out and TINY in out
+    result, out = run(shell, "%mlx unload")
+    assert result.success and f"{TINY} unloaded" in out.stdout
+    assert "no model loaded" in run(shell, "%mlx list")[1].stdout
+    assert run(shell, "%mlx version")[1].stdout.startswith("mlx_jupyter ")
+
+
+def test_config_traits_reach_the_running_local_engine(shell):
+    run(shell, f"%mlx load {TINY}")
+    shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
+    shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
+    manager = engine().manager
+    assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
+
+
+def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):
+    shell.run_line_magic("config", f"MLXMagics.model_dirs = [{str(model_dir)!r}]")
+    shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-b'")
+    result, _ = run(shell, "%%mlx --max-tokens 3\nhi")
+    assert result.success, result.error_in_exec
+    assert shell.user_ns["_mlx"].model == "tiny-b"
+
+
+def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell):
+    client = engine()
+    client.load(TINY)
+    manager = client.manager
+
+    def interrupt_once_streaming():
+        if wait_for(lambda: manager.status()[0].active_requests == 1, timeout=30):
+            _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_streaming, daemon=True).start()
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 100000\nHello")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
+    partial = shell.user_ns["_mlx"]
+    assert partial.finish_reason == "cancelled"
+    assert "interrupted" in out.outputs[-1].data["text/plain"]
+    result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 3\nagain")
+    assert result.success and shell.user_ns["_mlx"].tokens == 3
+
+
+def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
+    client = engine()
+    pid = client.load(TINY)["pid"]
+    manager = client.manager
+
+    def kill_once_streaming():
+        if wait_for(lambda: manager.status()[0].active_requests == 1, timeout=30):
+            os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill_once_streaming, daemon=True).start()
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 100000\nHello")
+    assert isinstance(result.error_in_exec, ClientError), result.error_in_exec
+    assert "SIGKILL" in str(result.error_in_exec) and "fresh worker" in str(result.error_in_exec)
+    assert "Traceback" not in out.stdout and len(out.stdout.strip().splitlines()) == 1
+    result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 3\nagain")
+    assert result.success and shell.user_ns["_mlx"].tokens == 3
