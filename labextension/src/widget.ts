@@ -40,7 +40,10 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
       model.send({ type: 'unload', model: id });
     }
   });
-  el.appendChild(view.node);
+  const caption = document.createElement('div');
+  caption.className = 'mlx-dashboard-host';
+  caption.textContent = `MLX models served by ${model.get('host')}`;
+  el.append(caption, view.node);
 
   const draw = () => {
     view.update(
