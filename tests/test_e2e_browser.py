@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import shutil
@@ -78,7 +77,7 @@ def browser():
 
 
 @pytest.fixture
-def page(browser, lab):
+def page(browser, lab, request):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {ARTIFACTS}")
     context = browser.new_context(viewport={"width": 1400, "height": 900})
@@ -87,6 +86,7 @@ def page(browser, lab):
     page.goto(f"{lab.url}lab?token={lab.token}")
     page.wait_for_selector(".jp-LabShell", state="attached", timeout=60_000)
     yield page
+    shot(page, f"last-{request.node.name}")  # how the page looked at the end, passed or failed
     context.close()
 
 
@@ -133,14 +133,7 @@ def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
     shot(page, "4-panel-unloaded")
 
 
-def quickstart(root: Path) -> str:
-    """The quickstart notebook copied into the server's root; its name there."""
-    source = ROOT / "notebooks" / "quickstart.ipynb"
-    if source.exists():
-        shutil.copy(source, root / source.name)
-        return source.name
-    # Until the magics' quickstart notebook lands: the smallest notebook that uses them.
-    cells = ["%load_ext mlx_jupyter", "%%mlx -m builtin:tiny --max-tokens 20\nThe Zen of Python"]
+def write_notebook(root: Path, name: str, cells: list[str]) -> str:
     notebook = {
         "cells": [
             {"cell_type": "code", "metadata": {}, "source": c, "outputs": [], "execution_count": None} for c in cells
@@ -149,22 +142,71 @@ def quickstart(root: Path) -> str:
         "nbformat": 4,
         "nbformat_minor": 5,
     }
-    (root / "quickstart.ipynb").write_text(json.dumps(notebook))
-    return "quickstart.ipynb"
+    (root / name).write_text(json.dumps(notebook))
+    return name
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("mlx_jupyter.kernel.magics") is None, reason="the %%mlx magics are not in this branch"
-)
-def test_quickstart_notebook_streams_mlx_output(page, lab):
-    name = quickstart(Path(lab.env["JUPYTER_CONFIG_DIR"]).parent)
-    page.goto(f"{lab.url}lab/tree/{name}?token={lab.token}")
+def open_and_run(page, lab, name: str) -> None:
+    # Opened by command in the page already loaded: a lab/tree/ URL can start two kernels for it.
+    page.evaluate(f"window.jupyterapp.commands.execute('docmanager:open', {{path: {json.dumps(name)}}})")
     page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=60_000)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=60_000)
-    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    mlx_cell = page.locator(".jp-CodeCell", has_text="%%mlx").first
-    output = mlx_cell.locator(".jp-OutputArea-output")
-    output.first.wait_for(timeout=60_000)
-    assert wait_for(lambda: len(output.first.inner_text().strip()) > 0, timeout=30)
-    assert "Error" not in mlx_cell.locator(".jp-OutputArea").inner_text()
+    # Not awaited: the command's promise settles only when every cell has run.
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+
+
+def outputs_of(page, cell_text: str):
+    """The output area of the first cell holding ``cell_text``, once it shows something."""
+    outputs = page.locator(".jp-CodeCell", has_text=cell_text).first.locator(".jp-OutputArea")
+    shown = lambda: outputs.locator(".jp-OutputArea-output").count() > 0  # noqa: E731
+    assert wait_for(shown, timeout=90, interval=0.5), "the cell showed no output"
+    return outputs
+
+
+def test_quickstart_notebook_streams_mlx_output(page, lab):
+    root = Path(lab.env["JUPYTER_CONFIG_DIR"]).parent
+    shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", root / "quickstart.ipynb")
+    open_and_run(page, lab, "quickstart.ipynb")
+    # The answer, then its footer: the model that wrote it and the token count.
+    outputs = outputs_of(page, "%%mlx -f text")
+    assert wait_for(lambda: "tokens" in outputs.inner_text(), timeout=60)
+    answer, footer = outputs.locator(".jp-OutputArea-output").all()
+    # builtin:tiny has random weights: its answer may be only blank lines, so count characters.
+    assert answer.text_content(), "no answer"
+    assert footer.inner_text().startswith("builtin:tiny · 24 tokens"), footer.inner_text()
+    last = outputs_of(page, "%mlx list")  # every cell ran, none failed
+    assert "builtin:tiny" in last.inner_text()
+    assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
     shot(page, "5-quickstart-notebook")
+
+
+def test_dashboard_widget_ticks_in_the_browser_and_drives_the_server(page, lab):
+    for model in lab.models():  # left loaded by the quickstart: start from an empty table
+        assert lab.client.post("mlx/api/models/unload", json={"model": model["id"]}).status_code == 200
+    root = Path(lab.env["JUPYTER_CONFIG_DIR"]).parent
+    name = write_notebook(
+        root, "dashboard.ipynb", ["from mlx_jupyter.kernel.widgets import ModelDashboard\nModelDashboard()"]
+    )
+    open_and_run(page, lab, name)
+    widget = outputs_of(page, "ModelDashboard").locator(".mlx-dashboard")
+    widget.wait_for(timeout=30_000)
+    widget.locator(".mlx-empty").wait_for()
+    assert "served by Jupyter server at" in page.locator(".mlx-dashboard-host").inner_text()
+    widget.locator('.mlx-load-select option[value="builtin:tiny"]').wait_for(state="attached")
+    widget.locator(".mlx-load-select").select_option("builtin:tiny")
+    widget.locator(".mlx-load-button").click()
+    row = widget.locator('tr.mlx-model[data-model="builtin:tiny"]')
+    countdown = row.locator(".mlx-model-countdown")
+    countdown.filter(has_text="unloads in").wait_for(timeout=60_000)
+    assert [m["id"] for m in lab.models()] == ["builtin:tiny"]
+    first = seconds_left(countdown.inner_text())
+    assert wait_for(lambda: seconds_left(countdown.inner_text()) <= first - 2, timeout=10, interval=0.25)
+    # The lab's own views follow the same server.
+    status = page.inner_text(".mlx-status-item")
+    assert status.startswith("MLX: 1 loaded · next unload"), status
+    shot(page, "6-dashboard-widget")
+
+    row.locator(".mlx-unload-button").click()
+    row.wait_for(state="detached", timeout=60_000)
+    assert lab.models() == []
+    shot(page, "7-dashboard-widget-unloaded")
