@@ -80,16 +80,16 @@ export function formatDuration(seconds: number): string {
   return h > 0 ? `${h}:${String(m).padStart(2, '0')}:${ss}` : `${m}:${ss}`;
 }
 
-/** Bytes in binary units with one decimal: `1.5 MiB`. */
+/** Bytes in decimal units with one decimal (`385.3 kB`), as `%mlx list` counts them. */
 export function formatBytes(bytes: number): string {
   if (!bytes || bytes < 0) {
     return '–';
   }
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
   let value = bytes;
   let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
     unit += 1;
   }
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;

@@ -54,10 +54,11 @@ describe('formatDuration', () => {
 });
 
 describe('formatBytes and formatAge', () => {
-  it('uses binary units', () => {
+  it('uses decimal units', () => {
     expect(formatBytes(512)).toBe('512 B');
-    expect(formatBytes(1536)).toBe('1.5 KiB');
-    expect(formatBytes(3 * 1024 ** 3)).toBe('3.0 GiB');
+    expect(formatBytes(1536)).toBe('1.5 kB');
+    expect(formatBytes(385_300)).toBe('385.3 kB');
+    expect(formatBytes(3e9)).toBe('3.0 GB');
     expect(formatBytes(0)).toBe('–');
   });
   it('says how long ago coarsely', () => {
