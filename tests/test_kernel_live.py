@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import os
 import re
@@ -19,7 +20,7 @@ from nbclient import NotebookClient
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
-from tests.helpers import pid_alive, run_cell, wait_for
+from tests.helpers import child_pids, pid_alive, run_cell, wait_for
 from tests.test_server_live import LiveServer, free_port
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -96,6 +97,18 @@ def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers
     server.client.delete(f"api/kernels/{kernel_id}")
 
 
+async def test_the_extension_exports_url_and_token_while_the_server_runs(jp_serverapp, jp_base_url):
+    (extension,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
+    for _ in range(100):  # the export is the event loop's first callback, once the port is final
+        if ENV_URL in os.environ:
+            break
+        await asyncio.sleep(0.01)
+    assert os.environ[ENV_URL] == f"http://{jp_serverapp.ip}:{jp_serverapp.port}{jp_base_url}"
+    assert os.environ[ENV_TOKEN] == jp_serverapp.identity_provider.token
+    extension.kernel_env.withdraw()  # what stop_extension does first
+    assert ENV_URL not in os.environ and ENV_TOKEN not in os.environ
+
+
 def test_a_kernel_finds_the_server_through_its_runtime_file_too(server, monkeypatch):
     monkeypatch.delenv(ENV_URL, raising=False)
     monkeypatch.delenv(ENV_TOKEN, raising=False)
@@ -139,6 +152,10 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
             "assert again.tokens == 3 and _mlx is again", timeout=30, output_hook=lambda msg: None
         )
         assert check["content"]["status"] == "ok", check["content"]
+        unknown = kc.execute_interactive("%%mlx -m no-such-model\nhi", timeout=30, output_hook=lambda msg: None)
+        content = unknown["content"]
+        assert content["status"] == "error" and content["ename"] == "UnknownModelError"
+        assert len(content["traceback"]) == 1 and "available: builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()
@@ -256,3 +273,42 @@ def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatc
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_keeps_the_worker(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_TOKEN)}
+    env["JUPYTER_RUNTIME_DIR"] = str(tmp_path / "runtime")
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(env=env, cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        quiet = {"timeout": 60, "output_hook": lambda msg: None}
+        setup = (
+            "%load_ext mlx_jupyter\n"
+            "from mlx_jupyter.kernel.client import get_client\n"
+            "pid = get_client().load('builtin:tiny')['pid']"
+        )
+        assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
+        msg_id = kc.execute("%%mlx --raw --max-tokens 100000\nHello")
+        while True:  # the first streamed display proves the generation is running
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":
+                break
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=30)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        check = (
+            "models = get_client().models()['models']\n"
+            "assert [(m['pid'], m['active_requests']) for m in models] == [(pid, 0)], models\n"
+            "assert _mlx.finish_reason == 'cancelled' and _mlx.text"
+        )
+        result = kc.execute_interactive(check, **quiet)
+        assert result["content"]["status"] == "ok", result["content"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+    assert wait_for(lambda: not child_pids(), timeout=10), f"processes left behind: {child_pids()}"

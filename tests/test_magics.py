@@ -237,3 +237,11 @@ def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
     assert "Traceback" not in out.stdout and len(out.stdout.strip().splitlines()) == 1
     result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 3\nagain")
     assert result.success and shell.user_ns["_mlx"].tokens == 3
+
+
+def test_in_a_terminal_the_answer_is_printed_as_it_streams(shell, capsys):
+    result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 8 -f text\nHello")
+    assert result.success, result.error_in_exec
+    printed = capsys.readouterr().out
+    assert printed.startswith(shell.user_ns["_mlx"].text)
+    assert f"[{TINY} · 8 tokens" in printed

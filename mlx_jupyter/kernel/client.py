@@ -24,7 +24,11 @@ from mlx_jupyter.engine.models import ModelResolver
 
 log = logging.getLogger(__name__)
 
-PROBE_TIMEOUT_S = 3.0
+PROBE_TIMEOUT_S = 3.0  # discovery: a server that takes longer to say hello is not used
+HEALTH_TIMEOUT_S = 10.0  # health never waits behind a generation, so a slow answer means trouble
+# The server is on this machine (or named explicitly): proxy settings in the environment
+# are for the outside world and must not reroute the kernel's calls.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ClientError(Exception):
@@ -122,7 +126,7 @@ class ServerClient(MLXClient):
         self.host = f"Jupyter server at {self.url}"
 
     def health(self) -> dict[str, Any]:
-        return self._call("GET", "mlx/api/health", timeout=PROBE_TIMEOUT_S * 3)
+        return self._call("GET", "mlx/api/health", timeout=HEALTH_TIMEOUT_S)
 
     def models(self) -> dict[str, Any]:
         return self._call("GET", "mlx/api/models")
@@ -194,7 +198,7 @@ class ServerClient(MLXClient):
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(self.url + path, data=data, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return _OPENER.open(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             with exc:
                 raise _error_from_response(exc, self.host) from None
@@ -242,13 +246,6 @@ def _error_from_body(payload: Any, status: int | None) -> ClientError:
 # -- an engine hosted in the kernel ------------------------------------------------
 
 
-@dataclass
-class LocalSettings:
-    """Settings of a kernel-hosted engine (the magics' traits); empty ones keep the engine's defaults."""
-
-    manager: dict[str, Any] = field(default_factory=dict)
-
-
 class LocalClient(MLXClient):
     """Hosts a WorkerManager and its IdleReaper in this kernel; they stop at kernel exit.
 
@@ -279,7 +276,11 @@ class LocalClient(MLXClient):
             return self._manager
 
     def reconfigure(self, **settings: Any) -> None:
-        """Apply new settings; a running engine takes them for its next decision."""
+        """Apply new settings; a running engine takes them for its next decision.
+
+        The manager reads these attributes afresh at each decision (under its own locks),
+        and a single attribute write is atomic, so no lock is needed here.
+        """
         self.settings.update(settings)
         manager = self._manager
         if manager is None:
@@ -389,11 +390,18 @@ _client_lock = threading.Lock()
 def get_client() -> MLXClient:
     """The kernel's shared client, found once (see ``Discovery``) and cached."""
     global _client
+    client = _client
+    if client is not None:
+        return client
+    found: MLXClient | None = _discover(discovery)  # network probes: outside the lock
     with _client_lock:
         if _client is None:
-            _client = _discover(discovery)
+            _client, found = found, None
             log.info("mlx_jupyter: models served by %s", _client.host)
-        return _client
+        client = _client
+    if found is not None:  # another thread was quicker
+        found.close()
+    return client
 
 
 def reset_client() -> None:

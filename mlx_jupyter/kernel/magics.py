@@ -149,7 +149,8 @@ class MLXMagics(Magics):
         config=True,
         help="""Who serves the models: 'auto' (the Jupyter server that started this kernel,
         from MLX_JUPYTER_SERVER_URL or its runtime file, else an engine in this kernel),
-        'local' (always an engine in this kernel) or a server URL.""",
+        'local' (always an engine in this kernel) or a server URL. Changing it (or token,
+        request_timeout) makes the next call look again; a local engine stops then.""",
     )
     token = Unicode("", config=True, help="Jupyter token for an explicit server URL (default: MLX_JUPYTER_TOKEN).")
     request_timeout = Float(600.0, config=True, help="Seconds a server call, or a pause in a stream, may take.")
@@ -268,8 +269,8 @@ class MLXMagics(Magics):
         except UnknownModelError as exc:
             raise self._models_hint(exc) from None
         except ClientError:
-            if pieces:
-                live.update("".join(pieces))
+            if pieces:  # what arrived before the failure stays visible
+                live.update("".join(pieces), force=True)
             raise
         result = self._finish(live, args, request, "".join(pieces), final, fmt)
         if args.chat and result.finish_reason != "cancelled":

@@ -69,6 +69,8 @@ class MLXResult:
             parts.append(f"{self.tokens_per_s:.1f} tok/s")
         if self.ttft_s is not None:
             parts.append(f"first token {1000 * self.ttft_s:.0f} ms")
+        if self.timings.get("load_s"):
+            parts.append(f"model loaded in {self.timings['load_s']:.1f} s")
         if self.finish_reason != "stop":
             parts.append({"length": "stopped at max tokens", "cancelled": "interrupted"}.get(self.finish_reason, ""))
         return " · ".join(p for p in parts if p)
@@ -111,8 +113,9 @@ class LiveAnswer:
         self.last_update = 0.0
         self.printed = 0
 
-    def update(self, text: str) -> None:
-        if not self.live:
+    def update(self, text: str, force: bool = False) -> None:
+        """Show ``text`` now, unless the last update was too recent (``force`` skips that check)."""
+        if not self.live and not force:
             return
         if self.terminal:
             sys.stdout.write(text[self.printed :])
@@ -120,7 +123,7 @@ class LiveAnswer:
             self.printed = len(text)
             return
         now = time.monotonic()
-        if self.handle is not None and now - self.last_update < self.interval:
+        if self.handle is not None and now - self.last_update < self.interval and not force:
             return
         self.last_update = now
         bundle = {"text/plain": text}
