@@ -35,7 +35,8 @@ def test_wheel_ships_the_labextension_as_shared_data(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    data = "mlx_jupyter-0.1.0.data/data/share/jupyter/labextensions/mlx-jupyter/"
+    target = "share/jupyter/labextensions/mlx-jupyter/"
+    (data,) = {n.split(target)[0] + target for n in names if target in n}
     assert data + "package.json" in names
     assert data + "install.json" in names
     assert any(n.startswith(data + "static/remoteEntry.") for n in names), names
