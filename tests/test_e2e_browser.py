@@ -132,6 +132,13 @@ def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
     assert page.inner_text(f"{PANEL} .mlx-panel-mode") == "live (server events)"
     shot(page, "4-panel-unloaded")
 
+    # A model another client loads shows up, counts down to zero, and goes when the reaper unloads it.
+    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": "6s"}).status_code == 200
+    row = f'{PANEL} tr.mlx-model[data-model="tiny-a"]'
+    page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in 0:0").wait_for()
+    page.wait_for_selector(row, state="detached", timeout=30_000)
+    assert lab.models() == []
+
 
 def write_notebook(root: Path, name: str, cells: list[str]) -> str:
     notebook = {
