@@ -76,18 +76,37 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture
-def page(browser, lab, request):
+def open_lab(browser, lab, name: str, block_events: bool = False) -> Iterator:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {ARTIFACTS}")
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     page = context.new_page()
+    if block_events:  # a browser-side fault: every request for the event stream fails
+        page.route(re.compile(r".*/mlx/api/events(\?.*)?$"), lambda route: route.abort())
     page.set_default_timeout(30_000)
     page.goto(f"{lab.url}lab?token={lab.token}")
     page.wait_for_selector(".jp-LabShell", state="attached", timeout=60_000)
     yield page
-    shot(page, f"last-{request.node.name}")  # how the page looked at the end, passed or failed
+    shot(page, f"last-{name}")  # how the page looked at the end, passed or failed
     context.close()
+
+
+@pytest.fixture
+def page(browser, lab, request):
+    yield from open_lab(browser, lab, request.node.name)
+
+
+@pytest.fixture
+def page_without_events(browser, lab, request):
+    yield from open_lab(browser, lab, request.node.name, block_events=True)
+
+
+def open_panel(page) -> None:
+    """Show the MLX panel by its sidebar tab (a click on it when it is open would close it)."""
+    page.evaluate("window.jupyterapp.restored.then(() => null)")  # the saved layout is applied
+    if not page.is_visible(PANEL):
+        page.click('.jp-SideBar .lm-TabBar-tab[data-id="mlx-models-panel"]')
+    page.wait_for_selector(PANEL, state="visible")
 
 
 def shot(page, name: str) -> None:
@@ -101,7 +120,7 @@ def seconds_left(text: str) -> int:
 
 
 def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
-    page.click('.jp-SideBar .lm-TabBar-tab[data-id="mlx-models-panel"]')
+    open_panel(page)
     page.wait_for_selector(f"{PANEL} .mlx-empty", state="visible")
     page.wait_for_selector(f'{PANEL} .mlx-load-select option[value="builtin:tiny"]', state="attached")
     assert page.inner_text(".mlx-status-item") == "MLX: no model loaded"
@@ -137,6 +156,19 @@ def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
     row = f'{PANEL} tr.mlx-model[data-model="tiny-a"]'
     page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in 0:0").wait_for()
     page.wait_for_selector(row, state="detached", timeout=30_000)
+    assert lab.models() == []
+
+
+def test_panel_falls_back_to_polling_when_the_event_stream_fails(page_without_events, lab):
+    page = page_without_events
+    open_panel(page)
+    page.locator(f"{PANEL} .mlx-panel-mode").filter(has_text="polling the server").wait_for()
+    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-b"}).status_code == 200
+    row = f'{PANEL} tr.mlx-model[data-model="tiny-b"]'
+    page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in").wait_for()
+    shot(page, "4b-panel-polling")
+    page.click(f"{row} .mlx-unload-button")
+    page.wait_for_selector(row, state="detached")
     assert lab.models() == []
 
 

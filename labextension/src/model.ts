@@ -12,6 +12,7 @@ import { DashboardData } from './table';
 
 /** Stream attempts that fail before their first snapshot, after which only polling is used. */
 const MAX_STREAM_FAILURES = 3;
+const UNREACHABLE = 'MLX server unreachable';
 
 function localNow(): number {
   return Date.now() / 1000;
@@ -32,7 +33,8 @@ export class ModelsModel {
   private readonly _clock: number;
   private readonly _poll: Poll;
   private readonly _abort = new AbortController();
-  private _streaming = false;
+  private _streaming = false; // a stream request is open (or being opened)
+  private _live = false; // ... and it has delivered its snapshot
   private _streamFailures = 0;
   private _availableLoaded = false;
 
@@ -65,9 +67,9 @@ export class ModelsModel {
     return this._data.state;
   }
 
-  /** `events` while the event stream is up, else `polling`. */
+  /** `events` while the event stream delivers, else `polling`. */
   get mode(): 'events' | 'polling' {
-    return this._streaming ? 'events' : 'polling';
+    return this._live ? 'events' : 'polling';
   }
 
   async load(modelId: string): Promise<void> {
@@ -105,8 +107,9 @@ export class ModelsModel {
       delete pending[modelId];
       this._set({ pending });
     }
-    if (!this._streaming) {
-      await this._refreshModels(); // without events, show the outcome now
+    if (!this._live) {
+      // Without events, show the outcome now (a failure is already shown as the error line).
+      await this._refreshModels().catch(() => undefined);
     }
   }
 
@@ -126,9 +129,11 @@ export class ModelsModel {
   private async _refreshModels(): Promise<void> {
     try {
       const snapshot = await api.getModels();
-      this._set({ state: fromSnapshot(snapshot, localNow()), error: '' });
+      // The server answers again: drop its unreachable line, keep a failed action's.
+      const error = this._data.error.startsWith(UNREACHABLE) ? '' : this._data.error;
+      this._set({ state: fromSnapshot(snapshot, localNow()), error });
     } catch (reason) {
-      this._set({ error: `MLX server unreachable: ${message(reason)}` });
+      this._set({ error: `${UNREACHABLE}: ${message(reason)}` });
       throw reason; // the Poll backs off
     }
   }
@@ -141,6 +146,7 @@ export class ModelsModel {
         {
           snapshot: snapshot => {
             gotSnapshot = true;
+            this._live = true;
             this._streamFailures = 0;
             this._set({ state: fromSnapshot(snapshot, localNow()) });
           },
@@ -155,6 +161,7 @@ export class ModelsModel {
       console.warn('mlx-jupyter: model events stream failed, polling instead', reason);
     } finally {
       this._streaming = false;
+      this._live = false;
     }
     if (!gotSnapshot) {
       this._streamFailures += 1;
