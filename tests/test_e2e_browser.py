@@ -41,6 +41,12 @@ def jp_asyncio_loop():
     loop.close()
 
 
+@pytest.fixture
+def jp_server_cleanup():
+    """No in-process ServerApp here to clean up (the server is a subprocess)."""
+    yield
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory, model_dir) -> Iterator[LiveServer]:
     tmp = tmp_path_factory.mktemp("lab")
