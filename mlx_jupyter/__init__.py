@@ -28,3 +28,8 @@ def unload_ipython_extension(shell: InteractiveShell) -> None:
     from mlx_jupyter.kernel.magics import unload_ipython_extension
 
     unload_ipython_extension(shell)
+
+
+def _jupyter_labextension_paths() -> list[dict]:
+    # Where `jupyter labextension develop` links from: the build output of labextension/.
+    return [{"src": "labextension", "dest": "mlx-jupyter"}]

@@ -32,7 +32,9 @@ def free_port() -> int:
 class LiveServer:
     """A `jupyter server` process on a loopback port; talks to it with httpx."""
 
-    def __init__(self, tmp: Path, model_dir: Path) -> None:
+    def __init__(
+        self, tmp: Path, model_dir: Path, app: str = "jupyter_server", idle_timeout: float = 1, extra_args: tuple = ()
+    ) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}{BASE}"
@@ -47,7 +49,7 @@ class LiveServer:
             [
                 sys.executable,
                 "-m",
-                "jupyter_server",
+                app,
                 "--no-browser",
                 "--allow-root",
                 "--ServerApp.ip=127.0.0.1",
@@ -58,10 +60,11 @@ class LiveServer:
                 "--ServerApp.allow_unauthenticated_access=False",
                 f"--ServerApp.root_dir={tmp}",
                 "--MLXExtension.default_model=builtin:tiny",
-                "--MLXExtension.idle_timeout=1",
+                f"--MLXExtension.idle_timeout={idle_timeout}",
                 "--MLXExtension.max_loaded_models=2",
                 "--MLXExtension.queue_timeout=20",
                 f"--MLXExtension.model_dirs={model_dir}",
+                *extra_args,
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
