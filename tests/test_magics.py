@@ -201,8 +201,12 @@ def test_line_magics_load_list_status_unload(shell):
     out = run(shell, "%mlx list")[1].stdout
     assert re.search(r"unloads in (10m00s|9m\d\ds)", out), out  # the countdown from the 10 min keep-alive
     assert "available:" in out and "builtin" in out
-    out = run(shell, "%mlx status")[1].stdout
-    assert "this kernel (local engine)" in out and DEFAULT_MODEL in out
+    result, captured = run(shell, "%mlx status")
+    assert result.success, result.error_in_exec
+    assert captured.stdout.startswith("this kernel (local engine): ok, mlx_jupyter ")
+    (dashboard,) = [o.data for o in captured.outputs]  # the dashboard: a widget view plus its snapshots
+    assert "application/vnd.jupyter.widget-view+json" in dashboard
+    assert "this kernel (local engine)" in dashboard["text/plain"] and DEFAULT_MODEL in dashboard["text/plain"]
     result, out = run(shell, "%mlx unload")
     assert result.success and f"{DEFAULT_MODEL} unloaded" in out.stdout
     assert "no model loaded" in run(shell, "%mlx list")[1].stdout

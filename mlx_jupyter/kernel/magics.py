@@ -23,11 +23,12 @@ from mlx_jupyter.kernel.render import (
     MLXResult,
     available_table,
     extract_code,
+    health_line,
     loaded_table,
     megabytes,
     parse_json,
-    render_status,
 )
+from mlx_jupyter.kernel.widgets import render_status
 
 # Traits that configure a kernel-hosted engine, named as on MLXExtension.
 ENGINE_TRAITS = (
@@ -50,7 +51,7 @@ LINE_HELP = """\
 %mlx load [MODEL] [--keep-alive D] load a model now (default: the default model);
                                  D like 10m, 30s, 0, -1 (never unload)
 %mlx unload [MODEL]              unload a model once its running requests end
-%mlx status                      which host serves this kernel, and its models
+%mlx status                      which host serves this kernel, and the live model dashboard
 %mlx reset                       forget the --chat conversation
 %mlx version                     the mlx_jupyter version
 %mlx help                        this help; %%mlx --help lists the cell options"""
@@ -235,7 +236,9 @@ class MLXMagics(Magics):
             self.chat_system = None
             print("conversation cleared")
         elif command == "status":
-            render_status(get_client())
+            client = get_client()
+            print(health_line(client))
+            render_status(client)  # the live dashboard; a text snapshot where no widget frontend runs
         elif command == "list":
             client = get_client()
             print(f"loaded ({client.host}):\n{loaded_table(client.models())}\n")

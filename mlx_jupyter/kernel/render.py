@@ -228,11 +228,10 @@ def available_table(available: list[dict[str, Any]]) -> str:
     return table(rows, ["model", "source", "size"]) if rows else "no loadable model found"
 
 
-def render_status(client: MLXClient) -> None:
-    """``%mlx status``: who serves this kernel, its health and the loaded models (a text table)."""
+def health_line(client: MLXClient) -> str:
+    """The first line of ``%mlx status``: the host's health and version (the dashboard shows the models)."""
     health = client.health()
-    line = f"models served by {client.host}: {health.get('status')}, mlx_jupyter {health.get('version')}"
+    line = f"{client.host}: {health.get('status')}, mlx_jupyter {health.get('version')}"
     if health.get("degraded_reason"):
         line += f" ({health['degraded_reason']})"
-    print(line)
-    print(loaded_table(client.models()))
+    return line
