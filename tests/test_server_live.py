@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -32,7 +32,7 @@ def free_port() -> int:
 class LiveServer:
     """A `jupyter server` process on a loopback port; talks to it with httpx."""
 
-    def __init__(self, tmp: Path, model_dir: Path) -> None:
+    def __init__(self, tmp: Path, model_dir: Path, extra_args: Sequence[str] = ()) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}{BASE}"
@@ -61,6 +61,7 @@ class LiveServer:
                 "--MLXExtension.max_loaded_models=2",
                 "--MLXExtension.queue_timeout=20",
                 f"--MLXExtension.model_dirs={model_dir}",
+                *extra_args,  # later options win: the benchmarks turn the idle timeout off
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
