@@ -537,11 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     reports = []
     with tempfile.TemporaryDirectory(prefix="mlx-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        live = LiveServer(
-            tmp,
-            cache_dir() / "bench",
-            ["--MLXExtension.idle_timeout=0", "--MLXExtension.max_loaded_models=1", "--MLXExtension.queue_timeout=300"],
-        )
+        live = LiveServer(tmp, cache_dir() / "bench", idle_timeout=0, max_loaded_models=1, queue_timeout=300)
         try:
             with WorkerManager(model_dirs=[str(cache_dir() / "bench")], idle_timeout=0, max_loaded_models=1) as manager:
                 for model, path in models:

@@ -12,8 +12,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -32,7 +33,9 @@ def free_port() -> int:
 class LiveServer:
     """A `jupyter server` process on a loopback port; talks to it with httpx."""
 
-    def __init__(self, tmp: Path, model_dir: Path, extra_args: Sequence[str] = ()) -> None:
+    OPTIONS: ClassVar[dict[str, object]] = {"idle_timeout": 1, "max_loaded_models": 2, "queue_timeout": 20}
+
+    def __init__(self, tmp: Path, model_dir: Path, **mlx_options: object) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
         self.url = f"http://127.0.0.1:{self.port}{BASE}"
@@ -57,11 +60,9 @@ class LiveServer:
                 f"--IdentityProvider.token={self.token}",
                 "--ServerApp.allow_unauthenticated_access=False",
                 f"--ServerApp.root_dir={tmp}",
-                "--MLXExtension.idle_timeout=1",
-                "--MLXExtension.max_loaded_models=2",
-                "--MLXExtension.queue_timeout=20",
+                # Each option once: traitlets does not let a repeated one override the first.
+                *(f"--MLXExtension.{name}={value}" for name, value in (self.OPTIONS | mlx_options).items()),
                 f"--MLXExtension.model_dirs={model_dir}",
-                *extra_args,  # later options win: the benchmarks turn the idle timeout off
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
