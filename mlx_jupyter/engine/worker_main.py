@@ -189,7 +189,6 @@ class Worker:
     def load(self, rid: str, path: str) -> None:
         import mlx.core as mx
         from mlx_lm import load
-        from mlx_lm.generate import BatchGenerator
         from mlx_lm.models.cache import make_prompt_cache
 
         start = time.perf_counter()
@@ -201,7 +200,7 @@ class Worker:
         self.context_length = config.get("max_position_embeddings") or None
         # Models whose caches cannot be merged (e.g. sliding windows) serve one at a time.
         if all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
-            self.batch = BatchGenerator(self.model, completion_batch_size=BATCH_SIZE, prefill_batch_size=BATCH_SIZE)
+            self.batch = self._new_batch()
         self.out.send(
             {
                 "type": p.T_LOADED,
@@ -212,6 +211,11 @@ class Worker:
                 "batching": self.batch is not None,
             }
         )
+
+    def _new_batch(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(self.model, completion_batch_size=BATCH_SIZE, prefill_batch_size=BATCH_SIZE)
 
     # -- admission --------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class Worker:
             _, responses = self.batch.next()
         except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
             log.exception("batch step failed")
-            self.batch.remove(list(self.running))
+            self.batch = self._new_batch()
             for stream in self.running.values():
                 self.error(stream.rid, "internal_error", f"{type(exc).__name__}: {exc}")
             self.running.clear()
