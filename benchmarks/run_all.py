@@ -30,8 +30,6 @@ from engine_vs_direct import (  # noqa: E402  (this folder is on sys.path when r
     RANDOM_SMALL,
     Sample,
     ensure_model,
-    run_direct,
-    run_engine,
     write_atomically,
 )
 
@@ -99,6 +97,28 @@ def timed_stream(events: Iterator[tuple[float, dict[str, Any]]], text_of: Callab
 
 def _choice_text(event: dict[str, Any]) -> str:
     return "".join(c.get("text") or "" for c in event.get("choices") or [])
+
+
+def run_direct(model: Any, tokenizer: Any, prompt: str, max_tokens: int) -> Sample:
+    """mlx-lm in this process, with the worker's sampler settings."""
+    from mlx_lm import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    def events() -> Iterator[tuple[float, dict[str, Any]]]:
+        sampler = make_sampler(temp=0.0, top_p=1.0)
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, sampler=sampler):
+            usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens}
+            yield time.perf_counter(), {"text": r.text, "usage": usage if r.finish_reason else None}
+
+    return timed_stream(events(), lambda e: e["text"])
+
+
+def run_engine(manager: WorkerManager, model: str, prompt: str, max_tokens: int) -> Sample:
+    def events() -> Iterator[tuple[float, dict[str, Any]]]:
+        for chunk in manager.stream_generate(prompt, model=model, max_tokens=max_tokens, temperature=0.0):
+            yield time.perf_counter(), {"text": chunk.text, "usage": chunk.usage}
+
+    return timed_stream(events(), lambda e: e["text"])
 
 
 def run_rest(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> Sample:
@@ -169,15 +189,19 @@ _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64)
 # -- measurements --------------------------------------------------------------------
 
 
-def bench_single(report: ModelReport, paths: dict[str, Callable[[], Sample]], runs: int) -> None:
-    """Warm each path up once, then run them in a rotating order so all see the same noise."""
+def bench_single(report: ModelReport, paths: dict[str, Callable[[str], Sample]], runs: int) -> None:
+    """Warm each path up once, then run them in a rotating order so all see the same noise.
+
+    Each round has its own prompt, the same for every path, so that no path's prompt
+    cache (mlx_lm.server keeps one) skips the prefill the others do.
+    """
     names = list(paths)
     for name in names:
-        paths[name]()
+        paths[name](f"[warm-up] {PROMPT}")
     for i in range(runs):
         order = names[i % len(names) :] + names[: i % len(names)]
         for name in order:
-            report.single[name].append(paths[name]())
+            report.single[name].append(paths[name](f"[{i}] {PROMPT}"))
         line = ", ".join(f"{n} {report.single[n][-1].tps:.0f}" for n in names)
         print(f"{report.model}: single stream round {i + 1}/{runs}: tok/s {line}", file=sys.stderr)
 
@@ -353,7 +377,8 @@ def render(reports: list[ModelReport], args: argparse.Namespace, notes: list[str
         f"{load[0]:.1f} at the end), mlx {mx.__version__} ({mx.default_device()}), mlx-lm {mlx_lm.__version__}, "
         f"Python {platform.python_version()}. Command: `python benchmarks/run_all.py"
         f"{' --quick' if args.quick else ''}`; whole run {wall_s:.0f} s.",
-        f"Greedy decoding of {PROMPT!r}; {args.runs} measured run(s) per cell after a warm-up ({args.agg_runs} "
+        f"Greedy decoding of {PROMPT!r} behind a tag that differs per round and client; {args.runs} "
+        f"measured run(s) per cell after a warm-up ({args.agg_runs} "
         "per client count), paths and servers interleaved; every figure is a median.",
         *notes,
         "",
@@ -499,11 +524,11 @@ def bench_model(
         bench_single(
             report,
             {
-                "direct": lambda: run_direct(*direct, n),
-                "engine": lambda: run_engine(manager, model, n),
-                "rest": lambda: run_rest(live.client, model, PROMPT, n),
-                "openai": lambda: run_openai(live.client, model, PROMPT, n),
-                "mlx_lm.server": lambda: peer.run(PROMPT, n),
+                "direct": lambda prompt: run_direct(*direct, prompt, n),
+                "engine": lambda prompt: run_engine(manager, model, prompt, n),
+                "rest": lambda prompt: run_rest(live.client, model, prompt, n),
+                "openai": lambda prompt: run_openai(live.client, model, prompt, n),
+                "mlx_lm.server": lambda prompt: peer.run(prompt, n),
             },
             args.runs,
         )
