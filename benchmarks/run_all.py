@@ -485,6 +485,7 @@ def plot(reports: list[ModelReport], path: Path) -> None:
         row[1].set_xlabel("clients")
         row[1].set_ylabel("tokens/s")
         row[1].set_xticks(CLIENTS)
+        row[1].set_ylim(bottom=0)
         row[1].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
