@@ -27,3 +27,27 @@ def test_engine_vs_direct_quick_run_reports_both_paths_and_their_ratio(tmp_path)
     rows = [line for line in table.splitlines() if line.startswith(("| builtin:tiny |", "| random-small-v2 |"))]
     assert len(rows) == 4, f"expected a main and a diagnostics row per model:\n{table}"
     assert table in done.stdout, "the table printed differs from the file written"
+
+
+def test_run_all_quick_writes_every_section_a_verdict_per_target_and_a_png(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, f"benchmark failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    table = (tmp_path / "run_all.md").read_text(encoding="utf-8")
+    assert table in done.stdout, "the table printed differs from the file written"
+    for section in ("## Single stream", "## Concurrent clients", "## Model loads", "## Status endpoints under load"):
+        assert section in table, f"no {section!r} in:\n{table}"
+    for path in ("| direct |", "| engine |", "| rest |", "| openai |", "| mlx_lm.server |"):
+        assert path in table, f"no single-stream row {path!r}"
+    for clients in (1, 4, 8):
+        assert any(line.startswith("| ") and f"| {clients} |" in line for line in table.splitlines())
+    for endpoint in ("mlx/api/health", "mlx/api/models"):
+        assert f"| {endpoint} |" in table
+    verdicts = [line for line in table.splitlines() if line.startswith("- ") and "reached" in line]
+    assert len(verdicts) == 5, f"expected one verdict per target:\n{table}"
+    assert (tmp_path / "run_all.png").read_bytes().startswith(b"\x89PNG")

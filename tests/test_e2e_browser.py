@@ -61,7 +61,6 @@ def lab(tmp_path_factory, model_dir) -> Iterator[LiveServer]:
         app="jupyterlab",
         idle_timeout=IDLE_TIMEOUT,
         extra_args=(
-            "--MLXExtension.default_model=builtin:tiny",
             "--LabApp.expose_app_in_browser=True",
             "--LabApp.news_url=None",
             "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",

@@ -60,7 +60,8 @@ def test_folder_without_config_json_names_the_model_and_the_problem(make_manager
 
 
 def test_corrupt_weights_fail_the_load_with_the_loaders_reason_and_leave_no_starting_state(make_manager, broken_models):
-    manager = make_manager(model_dirs=[str(broken_models)])
+    # No warm spare, so that any child process left is the failed worker.
+    manager = make_manager(model_dirs=[str(broken_models)], warm_spare=False)
     with pytest.raises(ModelLoadError) as info:
         manager.load("corrupt")
     assert "corrupt" in str(info.value) or "safetensors" in str(info.value).lower()

@@ -448,6 +448,8 @@ async def test_openai_max_tokens_zero_is_refused_not_replaced_by_the_default(jp_
     await check_bad_requests(jp_fetch, manager, OPENAI_ZERO_MAX_TOKENS)
 
 
+# No warm spare, so that any worker process left is the failed one.
+@pytest.mark.parametrize("mlx_config", [{"warm_spare": False}], indirect=True)
 async def test_a_model_that_fails_to_load_is_a_500_with_the_loaders_reason(jp_fetch, manager):
     # Both requests wait on one failing load, or each fails its own: either way, the reason.
     load, generate = await asyncio.gather(

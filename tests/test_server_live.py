@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 import pytest
@@ -32,8 +33,15 @@ def free_port() -> int:
 class LiveServer:
     """A `jupyter server` process on a loopback port; talks to it with httpx."""
 
+    OPTIONS: ClassVar[dict[str, object]] = {
+        "default_model": "builtin:tiny",
+        "idle_timeout": 1,
+        "max_loaded_models": 2,
+        "queue_timeout": 20,
+    }
+
     def __init__(
-        self, tmp: Path, model_dir: Path, app: str = "jupyter_server", idle_timeout: float = 1, extra_args: tuple = ()
+        self, tmp: Path, model_dir: Path, app: str = "jupyter_server", extra_args: tuple = (), **mlx_options: object
     ) -> None:
         self.port = free_port()
         self.token = secrets.token_hex(16)
@@ -59,10 +67,8 @@ class LiveServer:
                 f"--IdentityProvider.token={self.token}",
                 "--ServerApp.allow_unauthenticated_access=False",
                 f"--ServerApp.root_dir={tmp}",
-                "--MLXExtension.default_model=builtin:tiny",
-                f"--MLXExtension.idle_timeout={idle_timeout}",
-                "--MLXExtension.max_loaded_models=2",
-                "--MLXExtension.queue_timeout=20",
+                # Each option once: traitlets does not let a repeated one override the first.
+                *(f"--MLXExtension.{name}={value}" for name, value in (self.OPTIONS | mlx_options).items()),
                 f"--MLXExtension.model_dirs={model_dir}",
                 *extra_args,
             ],

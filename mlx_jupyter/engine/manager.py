@@ -134,6 +134,7 @@ class WorkerManager:
         token_timeout: float = 30.0,
         watchdog_threshold: float = 10.0,
         max_tokens_limit: int = 1_000_000,
+        warm_spare: bool = True,
         resolver: ModelResolver | None = None,
     ) -> None:
         if max_loaded_models < 1:
@@ -150,6 +151,7 @@ class WorkerManager:
         self.first_token_timeout = first_token_timeout
         self.token_timeout = token_timeout
         self.max_tokens_limit = max_tokens_limit
+        self.warm_spare = warm_spare
         self.resolver = resolver or ModelResolver(model_dirs, allow_downloads=allow_downloads)
         self.hooks: dict[str, Hook] = {}
         self.degraded: str | None = None
@@ -169,8 +171,14 @@ class WorkerManager:
         # Spawning from one long-lived thread keeps PR_SET_PDEATHSIG tied to the
         # server's life, not to the request thread that happened to start a load.
         self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-spawner")
+        # A started worker with no model yet (state_lock): a load adopts it instead of
+        # waiting for a process to start. It is no model: not in status, not counted.
+        self._spare: WorkerProcess | None = None
+        self._spare_spawning: Future | None = None
         self._watchdog = LockWatchdog(watchdog_threshold, self._mark_degraded)
         self._watchdog.start()
+        if warm_spare:
+            self._refill_spare()
 
     # -- public API ------------------------------------------------------------
 
@@ -262,6 +270,12 @@ class WorkerManager:
             records = [*self._models.values(), *self._retiring]
             return [r.status() for r in sorted(records, key=lambda r: r.epoch)]
 
+    @property
+    def spare_pid(self) -> int | None:
+        """The pid of the warm spare worker, None while there is none."""
+        with self._activity_lock, self._state_lock:
+            return self._spare.pid if self._spare is not None else None
+
     def health(self) -> dict[str, Any]:
         with self._activity_lock, self._state_lock:
             loaded = sum(r.state is State.READY for r in self._models.values())
@@ -324,8 +338,11 @@ class WorkerManager:
             for record in records:
                 record.state = State.STOPPING
             self._models.clear()
+            spare, self._spare = self._spare, None
             self._notify()
         log.info("shutting down %d model workers", len(records))
+        if spare is not None:
+            spare.stop()
         for record in records:
             if record.worker is not None:
                 record.worker.kill("the model server is shutting down", ManagerClosedError.code)
@@ -501,13 +518,22 @@ class WorkerManager:
         goes dead with an error its waiters share, and the worker is killed.
         """
         spec = record.spec
-        worker = WorkerProcess(spec.id, on_exit=lambda w: self._on_worker_exit(record, w))
+
+        def on_exit(w: WorkerProcess) -> None:
+            self._on_worker_exit(record, w)
+
+        worker = WorkerProcess(spec.id, on_exit=on_exit)
         spawned = None
         try:
             self._hook("load.before_spawn", model=spec.id)
-            assert_no_locks_held("spawn")
-            spawned = self._spawner.submit(worker.spawn, self.spawn_timeout)
-            spawned.result()
+            spare = self._take_spare()
+            if spare is not None:
+                spare.adopt(spec.id, on_exit)
+                worker = spare
+            else:
+                assert_no_locks_held("spawn")
+                spawned = self._spawner.submit(worker.spawn, self.spawn_timeout)
+                spawned.result()
             with self._activity_lock, self._state_lock:
                 record.worker = worker
                 closed = self._closed or record.state is not State.STARTING
@@ -565,6 +591,54 @@ class WorkerManager:
         self._changed()
         if error is not exc and isinstance(exc, Exception):
             raise error from exc
+
+    def _take_spare(self) -> WorkerProcess | None:
+        """The warm spare (waiting for one being started), or None; a replacement starts behind it."""
+        if not self.warm_spare:
+            return None
+        with self._activity_lock, self._state_lock:
+            spare, self._spare, spawning = self._spare, None, self._spare_spawning
+        if spare is None and spawning is not None:
+            assert_no_locks_held("waiting for the spare")
+            with contextlib.suppress(Exception):  # a failed spare only means a cold start
+                spawning.result(self.spawn_timeout)
+            with self._activity_lock, self._state_lock:
+                spare, self._spare = self._spare, None
+        self._refill_spare()
+        if spare is not None and spare.exited.is_set():
+            return None
+        return spare
+
+    def _refill_spare(self) -> None:
+        """Start a new spare on the spawner thread unless one exists or is on its way."""
+        with self._activity_lock, self._state_lock:
+            if self._closed or self._spare is not None or self._spare_spawning is not None:
+                return
+            with contextlib.suppress(RuntimeError):  # the spawner was shut down meanwhile
+                self._spare_spawning = self._spawner.submit(self._spawn_spare)
+
+    def _spawn_spare(self) -> None:
+        """Runs on the spawner thread: start a worker and publish it as the spare."""
+        spare = WorkerProcess("(spare)", on_exit=self._spare_exited)
+        try:
+            spare.spawn(self.spawn_timeout)
+        except Exception:
+            log.warning("starting a warm spare worker failed; loads start their own", exc_info=True)
+            spare.kill("the warm spare failed to start")
+            spare = None
+        with self._activity_lock, self._state_lock:
+            self._spare_spawning = None
+            keep = spare is not None and not self._closed and self._spare is None
+            if keep:
+                self._spare = spare
+        if spare is not None and not keep:
+            spare.stop()
+
+    def _spare_exited(self, worker: WorkerProcess) -> None:
+        """A spare that dies is dropped; the next load starts a replacement."""
+        with self._activity_lock, self._state_lock:
+            if self._spare is worker:
+                self._spare = None
 
     def _wait_until_loaded(self, record: ModelRecord, deadline: float | None) -> None:
         assert_no_locks_held("waiting for a load")

@@ -109,6 +109,11 @@ class WorkerProcess:
         finally:
             self.close("")
 
+    def adopt(self, model_id: str, on_exit: Callable[[WorkerProcess], None]) -> None:
+        """Give a warm spare (spawned under a placeholder name) the model it is about to load."""
+        self.model_id = model_id
+        self._on_exit = on_exit
+
     def load(self, path: str, timeout: float) -> Frame:
         """Load the model; returns the ``loaded`` frame or raises with the loader's reason."""
         rid = f"load-{next(self._seq)}"

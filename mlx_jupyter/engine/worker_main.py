@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from mlx_jupyter.engine import protocol as p
@@ -18,6 +19,8 @@ from mlx_jupyter.engine import protocol as p
 log = logging.getLogger("mlx_jupyter.worker")
 
 _PR_SET_PDEATHSIG = 1
+# Most sequences decoded together; more wait in arrival order.
+BATCH_SIZE = 32
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -86,8 +89,38 @@ class StopMatcher:
         return text
 
 
+class _Stream:
+    """One generation the worker has taken on: its text-side state and its clock."""
+
+    def __init__(self, rid: str, tokens: list[int], max_tokens: int, stop: list[str], detokenizer: Any) -> None:
+        self.rid = rid
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.stopper = StopMatcher(stop)
+        self.detokenizer = detokenizer
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
+        self.generated = 0
+
+
+def _batchable(msg: dict[str, Any]) -> bool:
+    """Greedy or unseeded requests share the batch; a seeded sampled one runs alone.
+
+    Sampling draws from MLX's one global random state, which every sequence in a batch
+    shares, so only a request with the whole worker to itself can honour its seed.
+    """
+    return msg.get("seed") is None or float(msg.get("temperature", 0.0)) == 0.0
+
+
 class Worker:
-    """Serves one model. MLX runs on the main thread only; the reader thread only queues."""
+    """Serves one model. MLX runs on the main thread only; the reader thread only queues.
+
+    Concurrent generations share one ``BatchGenerator``: each loop turn takes every
+    queued message, admits waiting requests in arrival order, then decodes one step
+    for the whole batch, so requests join and leave between steps. A request that
+    cannot share the batch (see ``_batchable``) waits until the batch drains and then
+    runs alone; requests behind it wait too, so service stays first come, first served.
+    """
 
     def __init__(self, cmd_fd: int, outbox: Outbox) -> None:
         self.cmd_fd = cmd_fd
@@ -97,6 +130,10 @@ class Worker:
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length: int | None = None
+        self.batch: Any = None  # a BatchGenerator once a model that supports batching is loaded
+        self.waiting: deque[dict[str, Any]] = deque()
+        self.running: dict[int, _Stream] = {}  # BatchGenerator uid -> stream
+        self._samplers: dict[tuple[float, float], Any] = {}
 
     def read_commands(self) -> None:
         """Reader thread: cancels and pings act at once, everything else goes to the main thread."""
@@ -116,27 +153,43 @@ class Worker:
                 self.inbox.put(msg)
 
     def serve(self) -> None:
-        while (msg := self.inbox.get()) is not None:
-            rid = msg.get("request_id", "")
+        while True:
+            idle = not self.running and not self.waiting
             try:
-                if msg["op"] == p.OP_LOAD:
-                    self.load(rid, msg["path"])
-                elif msg["op"] == p.OP_GENERATE:
-                    self.generate(rid, msg)
-                else:
-                    self.error(rid, "invalid_request", f"unknown operation {msg['op']!r}")
-            except Exception as exc:  # one bad request must not take the worker down
-                log.exception("request %s failed", rid)
-                self.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
-            finally:
-                self.cancelled.discard(rid)
+                msg = self.inbox.get() if idle else self.inbox.get_nowait()
+                while True:
+                    if msg is None:
+                        return
+                    self.handle(msg)
+                    msg = self.inbox.get_nowait()
+            except queue.Empty:
+                pass
+            self.admit()
+            if self.running:
+                self.step()
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        rid = msg.get("request_id", "")
+        if msg.get("op") == p.OP_GENERATE:
+            self.waiting.append(msg)
+            return
+        try:
+            if msg.get("op") == p.OP_LOAD:
+                self.load(rid, msg["path"])
+            else:
+                self.error(rid, "invalid_request", f"unknown operation {msg.get('op')!r}")
+        except Exception as exc:  # one bad request must not take the worker down
+            log.exception("request %s failed", rid)
+            self.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def error(self, rid: str, code: str, message: str) -> None:
+        self.cancelled.discard(rid)
         self.out.send({"type": p.T_ERROR, "request_id": rid, "code": code, "message": message})
 
     def load(self, rid: str, path: str) -> None:
         import mlx.core as mx
         from mlx_lm import load
+        from mlx_lm.models.cache import make_prompt_cache
 
         start = time.perf_counter()
         try:
@@ -145,6 +198,9 @@ class Worker:
             self.error(rid, "model_load_failed", f"{type(exc).__name__}: {exc}")
             return
         self.context_length = config.get("max_position_embeddings") or None
+        # Models whose caches cannot be merged (e.g. sliding windows) serve one at a time.
+        if all(hasattr(c, "merge") for c in make_prompt_cache(self.model)):
+            self.batch = self._new_batch()
         self.out.send(
             {
                 "type": p.T_LOADED,
@@ -152,8 +208,80 @@ class Worker:
                 "memory_bytes": int(mx.get_active_memory()),
                 "context_length": self.context_length,
                 "load_s": time.perf_counter() - start,
+                "batching": self.batch is not None,
             }
         )
+
+    def _new_batch(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(self.model, completion_batch_size=BATCH_SIZE, prefill_batch_size=BATCH_SIZE)
+
+    # -- admission --------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Start waiting requests in order while they can join the batch (or run alone on an empty one)."""
+        while self.waiting:
+            msg = self.waiting[0]
+            rid = msg.get("request_id", "")
+            solo = self.batch is None or not _batchable(msg)
+            if solo and self.running:
+                return  # let the batch drain; later requests keep their place behind this one
+            self.waiting.popleft()
+            try:
+                self.start(rid, msg, solo)
+            except Exception as exc:
+                log.exception("request %s failed", rid)
+                self.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def start(self, rid: str, msg: dict[str, Any], solo: bool) -> None:
+        if self.model is None:
+            self.error(rid, "invalid_request", "no model is loaded in this worker")
+            return
+        if rid in self.cancelled:  # the client left while the request was queued
+            self.error(rid, "cancelled", "the request was cancelled before it started")
+            return
+        self.out.send({"type": p.T_STARTED, "request_id": rid})
+        stream = _Stream(
+            rid,
+            self._prompt_tokens(msg),
+            int(msg["max_tokens"]),
+            list(msg.get("stop") or []),
+            self.tokenizer.detokenizer,
+        )
+        if not stream.tokens:
+            self.error(rid, "invalid_request", "the prompt is empty")
+            return
+        if self.context_length and len(stream.tokens) > self.context_length:
+            self.error(
+                rid,
+                "context_length_exceeded",
+                f"the prompt is {len(stream.tokens)} tokens; this model's context is {self.context_length} tokens",
+            )
+            return
+        sampler = self._sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)))
+        if solo:
+            self.generate_alone(stream, sampler, msg.get("seed"))
+            return
+        from mlx_lm.generate import make_stop_sequences
+
+        (uid,) = self.batch.insert(
+            [stream.tokens],
+            max_tokens=[stream.max_tokens],
+            samplers=[sampler],
+            stop_sequences=[make_stop_sequences(self.tokenizer)],
+        )
+        self.running[uid] = stream
+
+    def _sampler(self, temperature: float, top_p: float) -> Any:
+        # Requests with equal parameters share one sampler object, which lets the batch
+        # sample all of them in one call instead of row by row.
+        from mlx_lm.sample_utils import make_sampler
+
+        key = (temperature, top_p)
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(temp=temperature, top_p=top_p)
+        return self._samplers[key]
 
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
         if msg.get("messages") is not None:
@@ -162,73 +290,101 @@ class Worker:
         bos = self.tokenizer.bos_token
         return list(self.tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
 
-    def generate(self, rid: str, msg: dict[str, Any]) -> None:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
+    # -- batched decoding -------------------------------------------------------
 
-        if self.model is None:
-            self.error(rid, "invalid_request", "no model is loaded in this worker")
+    def step(self) -> None:
+        """Decode one step for the whole batch, then send each request its token."""
+        cancelled = [uid for uid, s in self.running.items() if s.rid in self.cancelled]
+        if cancelled:
+            self.batch.remove(cancelled)
+            for uid in cancelled:
+                self.finish(self.running.pop(uid), "cancelled")
+        if not self.running:
             return
-        if rid in self.cancelled:  # the client left while the request was queued
-            self.error(rid, "cancelled", "the request was cancelled before it started")
+        try:
+            _, responses = self.batch.next()
+        except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
+            log.exception("batch step failed")
+            self.batch = self._new_batch()
+            for stream in self.running.values():
+                self.error(stream.rid, "internal_error", f"{type(exc).__name__}: {exc}")
+            self.running.clear()
             return
-        self.out.send({"type": p.T_STARTED, "request_id": rid})
-        start = time.perf_counter()
-        tokens = self._prompt_tokens(msg)
-        if not tokens:
-            self.error(rid, "invalid_request", "the prompt is empty")
-            return
-        if self.context_length and len(tokens) > self.context_length:
-            self.error(
-                rid,
-                "context_length_exceeded",
-                f"the prompt is {len(tokens)} tokens; this model's context is {self.context_length} tokens",
-            )
-            return
-        if msg.get("seed") is not None:
-            mx.random.seed(int(msg["seed"]))
-        sampler = make_sampler(temp=float(msg.get("temperature", 0.0)), top_p=float(msg.get("top_p", 1.0)))
-        stopper = StopMatcher(list(msg.get("stop") or []))
-        finish, last, ttft = "length", None, None
-        for last in stream_generate(
-            self.model, self.tokenizer, tokens, max_tokens=int(msg["max_tokens"]), sampler=sampler
-        ):
-            if rid in self.cancelled:
-                finish = "cancelled"
-                break
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            text, stopped = stopper.feed(last.text)
+        for r in responses:
+            stream = self.running[r.uid]
+            stream.generated += 1
+            if stream.first_at is None:
+                stream.first_at = time.perf_counter()
+            if r.finish_reason != "stop":  # an end-of-sequence token adds no text
+                stream.detokenizer.add_token(r.token)
+            if r.finish_reason is not None:
+                stream.detokenizer.finalize()
+            text, stopped = stream.stopper.feed(stream.detokenizer.last_segment)
             # One frame per token even when its text is held back (a partial UTF-8
             # character, a possible stop string): the parent's deadlines count tokens.
-            self.out.send({"type": p.T_TOKEN, "request_id": rid, "text": text})
+            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
+            if stopped:
+                self.batch.remove([r.uid])
+                self.finish(self.running.pop(r.uid), "stop")
+            elif r.finish_reason is not None:
+                if tail := stream.stopper.flush():
+                    self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
+                self.finish(self.running.pop(r.uid), r.finish_reason)
+
+    def finish(self, stream: _Stream, reason: str) -> None:
+        import mlx.core as mx
+
+        now = time.perf_counter()
+        ttft = None if stream.first_at is None else stream.first_at - stream.start
+        decode_s = None if stream.first_at is None else now - stream.first_at
+        self.cancelled.discard(stream.rid)
+        self.out.send(
+            {
+                "type": p.T_DONE,
+                "request_id": stream.rid,
+                "finish_reason": reason,
+                "usage": {
+                    "prompt_tokens": len(stream.tokens),
+                    "completion_tokens": stream.generated,
+                    "total_tokens": len(stream.tokens) + stream.generated,
+                },
+                "timings": {
+                    "ttft_s": ttft,
+                    "prompt_tps": len(stream.tokens) / ttft if ttft else None,
+                    "generation_tps": (stream.generated - 1) / decode_s if decode_s and stream.generated > 1 else None,
+                    "peak_memory_bytes": int(mx.get_peak_memory()),
+                },
+            }
+        )
+
+    # -- one at a time ----------------------------------------------------------
+
+    def generate_alone(self, stream: _Stream, sampler: Any, seed: Any) -> None:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+
+        if seed is not None:
+            mx.random.seed(int(seed))
+        finish, last = "length", None
+        for last in stream_generate(
+            self.model, self.tokenizer, stream.tokens, max_tokens=stream.max_tokens, sampler=sampler
+        ):
+            if stream.rid in self.cancelled:
+                finish = "cancelled"
+                break
+            stream.generated = last.generation_tokens
+            if stream.first_at is None:
+                stream.first_at = time.perf_counter()
+            text, stopped = stream.stopper.feed(last.text)
+            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
             if stopped:
                 finish = "stop"
                 break
             finish = last.finish_reason or finish
         else:
-            if tail := stopper.flush():
-                self.out.send({"type": p.T_TOKEN, "request_id": rid, "text": tail})
-        completion = last.generation_tokens if last is not None else 0
-        self.out.send(
-            {
-                "type": p.T_DONE,
-                "request_id": rid,
-                "finish_reason": finish,
-                "usage": {
-                    "prompt_tokens": len(tokens),
-                    "completion_tokens": completion,
-                    "total_tokens": len(tokens) + completion,
-                },
-                "timings": {
-                    "ttft_s": ttft,
-                    "prompt_tps": last.prompt_tps if last is not None else None,
-                    "generation_tps": last.generation_tps if last is not None else None,
-                    "peak_memory_bytes": int(mx.get_peak_memory()),
-                },
-            }
-        )
+            if tail := stream.stopper.flush():
+                self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
+        self.finish(stream, finish)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,6 +79,13 @@ class MLXExtension(ExtensionApp):
         config=True,
         help="""Seconds a worker may take between two tokens before it is killed as hung.""",
     )
+    warm_spare = Bool(
+        True,
+        config=True,
+        help="""Keep one spare worker process started (Python up, mlx and mlx_lm imported) so
+        that loading a model skips process start-up; it is replaced in the background after a
+        load takes it. Costs one idle process (about 80 MB resident on Linux); turn off to save it.""",
+    )
     max_tokens_limit = Int(
         8192,
         config=True,
@@ -123,6 +130,7 @@ class MLXExtension(ExtensionApp):
             first_token_timeout=self.first_token_timeout,
             token_timeout=self.token_timeout,
             max_tokens_limit=self.max_tokens_limit,
+            warm_spare=self.warm_spare,
         )
         self.reaper = IdleReaper(self.manager)
         self.reaper.start()

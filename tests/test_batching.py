@@ -1,0 +1,151 @@
+"""Continuous batching in the worker: concurrent requests share decoding steps without changing answers."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any
+
+import pytest
+
+from mlx_jupyter.engine import protocol as p
+from mlx_jupyter.engine.models import builtin_model_path
+from mlx_jupyter.engine.params import validate_request
+from mlx_jupyter.engine.types import GenerationResult
+from mlx_jupyter.engine.worker import WorkerProcess
+
+TINY = "builtin:tiny"
+
+# Different lengths, budgets and stop strings; the tiny model's greedy answer echoes the
+# prompt's last character, so answers mixed up between batch rows would show at once.
+GREEDY = [
+    {"prompt": "The for statement", "max_tokens": 40, "seed": 7},
+    {"prompt": "Hello", "max_tokens": 25, "temperature": 0.0},
+    {"prompt": "Once upon a time, in a land of many words and long prompts", "max_tokens": 60},
+    {"prompt": "12345", "max_tokens": 30, "stop": ["5555"]},
+]
+
+
+def _run_concurrently(manager, requests: list[dict[str, Any]]) -> list[GenerationResult]:
+    results: list[Any] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        start.wait(10)
+        try:
+            results[i] = manager.generate(model=TINY, **requests[i])
+        except Exception as exc:  # reported by the assert below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a request did not finish within 60s"
+    assert all(isinstance(r, GenerationResult) for r in results), results
+    return results
+
+
+def test_greedy_answers_are_the_same_alone_and_in_a_batch_with_other_requests(make_manager):
+    manager = make_manager()
+    alone = [manager.generate(model=TINY, **request) for request in GREEDY]
+    sampled = {"prompt": "Some sampled text", "max_tokens": 50, "temperature": 0.9, "top_p": 0.9}
+    together = _run_concurrently(manager, [*GREEDY, sampled, *GREEDY])
+    for i, request in enumerate(GREEDY):
+        for result in (together[i], together[i + len(GREEDY) + 1]):
+            assert (result.text, result.finish_reason, result.usage) == (
+                alone[i].text,
+                alone[i].finish_reason,
+                alone[i].usage,
+            ), f"request {request} answered differently in the batch"
+    assert alone[3].finish_reason == "stop" and "5555" not in alone[3].text
+    assert together[len(GREEDY)].usage["completion_tokens"] > 0
+
+
+def test_a_seeded_sampled_request_runs_alone_and_reproduces_its_seed_among_batched_ones(make_manager):
+    manager = make_manager()
+    seeded = {"prompt": "Hello", "max_tokens": 40, "temperature": 0.9, "seed": 11}
+    alone = manager.generate(model=TINY, **seeded)
+    assert len(set(alone.text)) > 3, "a sampled answer should not be one repeated character"
+    others = [{"prompt": f"other {i}", "max_tokens": 30 + 10 * i, "temperature": 1.0} for i in range(3)]
+    together = _run_concurrently(manager, [*others, seeded, *others])
+    assert together[3].text == alone.text
+
+
+def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(make_manager):
+    # Served one at a time, the short request would wait for 100k tokens (minutes).
+    manager = make_manager()
+    long = manager.stream_generate("x", model=TINY, max_tokens=100_000)
+    next(long)
+    try:
+        (short,) = _run_concurrently(manager, [{"prompt": "Hello", "max_tokens": 20}])
+        assert short.finish_reason == "length" and short.usage["completion_tokens"] == 20
+        assert manager.status()[0].active_requests == 1, "the long request should still be running"
+    finally:
+        long.close()
+
+
+@pytest.fixture
+def worker():
+    """A real worker process with the tiny model, driven through the frame protocol."""
+    process = WorkerProcess(TINY)
+    process.spawn(60)
+    try:
+        process.load(str(builtin_model_path("tiny")), 120)
+        yield process
+    finally:
+        process.stop()
+
+
+def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
+    frames = worker.open(rid)
+    worker.send({"op": p.OP_GENERATE, "request_id": rid, **validate_request(**kwargs).worker_message()})
+    return frames
+
+
+def _drain(frames: queue.SimpleQueue, on_token=None) -> tuple[str, dict[str, Any], int]:
+    """Text, final frame and number of token frames of one request."""
+    texts = []
+    while True:
+        frame = frames.get(timeout=30)
+        if frame["type"] == p.T_TOKEN:
+            texts.append(frame["text"])
+            if on_token is not None:
+                on_token(len(texts))
+        elif frame["type"] in (p.T_DONE, p.T_ERROR):
+            return "".join(texts), frame, len(texts)
+
+
+def test_cancelling_one_request_mid_batch_ends_it_in_the_worker_and_the_others_finish_unchanged(worker):
+    requests = [{"prompt": f"{word}", "max_tokens": 150} for word in ("abc", "Hello", "12345")]
+    expected = [_drain(_submit(worker, f"alone-{i}", **r))[0] for i, r in enumerate(requests)]
+    victim = _submit(worker, "victim", prompt="x", max_tokens=100_000)
+    others = [_submit(worker, f"batched-{i}", **r) for i, r in enumerate(requests)]
+    results: list[Any] = [None] * len(others)
+
+    def drain(i: int) -> None:
+        results[i] = _drain(others[i])
+
+    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(others))]
+    for t in threads:
+        t.start()
+    # Cancel once the victim has streamed a while, with the others in the batch beside it.
+    _, done, tokens = _drain(victim, on_token=lambda n: n == 20 and worker.cancel("victim"))
+    for t in threads:
+        t.join(30)
+    assert done["type"] == p.T_DONE and done["finish_reason"] == "cancelled", done
+    assert 20 <= done["usage"]["completion_tokens"] < 100_000 and tokens == done["usage"]["completion_tokens"]
+    for (got, final, count), want in zip(results, expected, strict=True):
+        assert final["finish_reason"] == "length" and count == 150
+        assert got == want
+
+
+def test_an_empty_prompt_fails_alone_while_a_batched_request_finishes(worker):
+    good = _submit(worker, "good", prompt="Hello", max_tokens=30)
+    frames = worker.open("empty")
+    worker.send({"op": p.OP_GENERATE, "request_id": "empty", "prompt": "", "max_tokens": 5, "stop": []})
+    _, bad, _ = _drain(frames)
+    assert bad["type"] == p.T_ERROR and bad["code"] == "invalid_request" and "empty" in bad["message"]
+    _, done, count = _drain(good)
+    assert done["finish_reason"] == "length" and count == 30
