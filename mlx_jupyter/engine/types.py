@@ -24,6 +24,17 @@ class GenerationChunk:
     usage: dict[str, int] | None = None
     timings: dict[str, Any] | None = None
 
+    def final_event(self, model: str) -> dict[str, Any]:
+        """The last event of a native stream (``POST mlx/api/generate``), as the REST API and kernel clients send it."""
+        return {
+            "model": model,
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "timings": self.timings,
+            "done": True,
+        }
+
 
 @dataclass
 class GenerationResult:

@@ -342,14 +342,7 @@ class LocalClient(MLXClient):
                 if chunk.finish_reason is None:
                     yield {"text": chunk.text}
                 else:
-                    yield {
-                        "model": model,
-                        "text": chunk.text,
-                        "finish_reason": chunk.finish_reason,
-                        "usage": chunk.usage,
-                        "timings": chunk.timings,
-                        "done": True,
-                    }
+                    yield chunk.final_event(model)
         except MLXError as exc:
             raise _from_engine(exc) from None
         finally:

@@ -194,16 +194,7 @@ class GenerateHandler(StreamingMixin, MLXHandler):
                 await self.send_event({"text": chunk.text})
                 chunk = await anext(rest)
             self.record_usage(model, chunk)
-            await self.send_event(
-                {
-                    "model": model,
-                    "text": chunk.text,
-                    "finish_reason": chunk.finish_reason,
-                    "usage": chunk.usage,
-                    "timings": chunk.timings,
-                    "done": True,
-                }
-            )
+            await self.send_event(chunk.final_event(model))
         except StreamClosedError:
             self.bridge.cancel()
             return
