@@ -62,6 +62,10 @@ class ModelSpec:
     source: str
     size_bytes: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """The shape of ``GET mlx/api/models/available`` entries."""
+        return {"id": self.id, "source": self.source, "path": str(self.path), "size_bytes": self.size_bytes}
+
 
 def cache_dir() -> Path:
     """Where mlx-jupyter keeps files it creates, such as the built-in models."""

@@ -312,7 +312,7 @@ class LocalClient(MLXClient):
 
     def available(self) -> list[dict[str, Any]]:
         specs = self._engine(self.manager.resolver.available)
-        return [{"id": s.id, "source": s.source, "path": str(s.path), "size_bytes": s.size_bytes} for s in specs]
+        return [s.to_dict() for s in specs]
 
     def load(self, model: str, keep_alive: str | float | None = None) -> dict[str, Any]:
         return self._engine(self.manager.load, model, keep_alive).to_dict()

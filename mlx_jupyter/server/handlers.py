@@ -126,9 +126,7 @@ class AvailableModelsHandler(MLXHandler):
     async def get(self) -> None:
         """Loadable models: built-in, model_dirs and the Hugging Face cache."""
         specs = await self.call(self.manager.resolver.available, status=True)
-        self.write_json(
-            [{"id": s.id, "source": s.source, "path": str(s.path), "size_bytes": s.size_bytes} for s in specs]
-        )
+        self.write_json([s.to_dict() for s in specs])
 
 
 class LoadHandler(MLXHandler):
