@@ -16,24 +16,26 @@ from mlx_jupyter.engine.worker import WorkerProcess
 
 TINY = "builtin:tiny"
 
-# Different lengths, budgets and stop strings; the tiny model's greedy answer echoes the
-# prompt's last character, so answers mixed up between batch rows would show at once.
+PYDOC = "builtin:pydoc"
+
+# Different lengths, budgets and stop strings, on the trained model: its greedy answers
+# differ from prompt to prompt, so answers mixed up between batch rows would show at once.
 GREEDY = [
     {"prompt": "The for statement", "max_tokens": 40, "seed": 7},
     {"prompt": "Hello", "max_tokens": 25, "temperature": 0.0},
     {"prompt": "Once upon a time, in a land of many words and long prompts", "max_tokens": 60},
-    {"prompt": "12345", "max_tokens": 30, "stop": ["5555"]},
+    {"prompt": "A list is", "max_tokens": 30, "stop": ["class_getitem"]},
 ]
 
 
-def _run_concurrently(manager, requests: list[dict[str, Any]]) -> list[GenerationResult]:
+def _run_concurrently(manager, requests: list[dict[str, Any]], model: str = TINY) -> list[GenerationResult]:
     results: list[Any] = [None] * len(requests)
     start = threading.Barrier(len(requests))
 
     def run(i: int) -> None:
         start.wait(10)
         try:
-            results[i] = manager.generate(model=TINY, **requests[i])
+            results[i] = manager.generate(model=model, **requests[i])
         except Exception as exc:  # reported by the assert below
             results[i] = exc
 
@@ -49,9 +51,10 @@ def _run_concurrently(manager, requests: list[dict[str, Any]]) -> list[Generatio
 
 def test_greedy_answers_are_the_same_alone_and_in_a_batch_with_other_requests(make_manager):
     manager = make_manager()
-    alone = [manager.generate(model=TINY, **request) for request in GREEDY]
+    alone = [manager.generate(model=PYDOC, **request) for request in GREEDY]
+    assert len({a.text for a in alone}) == len(GREEDY), "the prompts must have different answers"
     sampled = {"prompt": "Some sampled text", "max_tokens": 50, "temperature": 0.9, "top_p": 0.9}
-    together = _run_concurrently(manager, [*GREEDY, sampled, *GREEDY])
+    together = _run_concurrently(manager, [*GREEDY, sampled, *GREEDY], model=PYDOC)
     for i, request in enumerate(GREEDY):
         for result in (together[i], together[i + len(GREEDY) + 1]):
             assert (result.text, result.finish_reason, result.usage) == (
@@ -59,7 +62,7 @@ def test_greedy_answers_are_the_same_alone_and_in_a_batch_with_other_requests(ma
                 alone[i].finish_reason,
                 alone[i].usage,
             ), f"request {request} answered differently in the batch"
-    assert alone[3].finish_reason == "stop" and "5555" not in alone[3].text
+    assert alone[3].finish_reason == "stop" and "class_getitem" not in alone[3].text
     assert together[len(GREEDY)].usage["completion_tokens"] > 0
 
 
