@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -483,3 +485,79 @@ def test_watchdog_reports_a_lock_waited_on_too_long_as_waiting(caplog: pytest.Lo
     reports = watchdog_reports(caplog)
     assert len(reports) == 1, reports
     assert "in wait_for_state_lock" in thread_stacks(reports[0])["stall-waiter"], reports[0]
+
+
+# interrupts (the kernel's main thread hosts the engine and takes its locks)
+
+
+def interrupt_main_when_waiting(lock: RankedLock) -> threading.Thread:
+    """A thread that sends SIGINT to the main thread once it waits for ``lock``."""
+    main = threading.main_thread()
+
+    def waiting() -> bool:
+        _thread, stack = locks._stacks.get(main.ident, (None, []))
+        return any(entry[0] is lock and not entry[4] for entry in stack)
+
+    def send() -> None:
+        deadline = time.monotonic() + WAIT
+        while not waiting() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        signal.pthread_kill(main.ident, signal.SIGINT)
+
+    thread = threading.Thread(target=send, name="interrupter", daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("mode", ["off", "validate"])
+def test_an_interrupt_while_waiting_for_a_lock_leaves_no_stale_entry(mode: str) -> None:
+    assert threading.current_thread() is threading.main_thread()
+    locks.set_mode(mode)
+    state = RankedLock("state_lock")
+    with held_by_thread(state):
+        interrupter = interrupt_main_when_waiting(state)
+        with pytest.raises(KeyboardInterrupt), state:
+            pytest.fail("the lock was taken while another thread held it")
+        interrupter.join(WAIT)
+    assert locks._held.stack == [], "the interrupted wait left an entry the watchdog reads as a stall"
+    assert not state.locked()
+    with state:  # usable again
+        assert locks.held_locks() == ["state_lock"]
+
+
+@pytest.mark.parametrize("mode", ["off", "validate"])
+def test_an_interrupt_right_after_the_acquire_releases_the_lock(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    locks.set_mode(mode)
+    state = RankedLock("state_lock")
+    real = time.monotonic
+    calls = []
+
+    def interrupted_clock() -> float:
+        # The second reading is the one taken once the lock is held: a signal landing there.
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real()
+
+    monkeypatch.setattr(locks, "_monotonic", interrupted_clock)
+    with pytest.raises(KeyboardInterrupt), state:
+        pytest.fail("the body ran although the acquire was interrupted")
+    monkeypatch.setattr(locks, "_monotonic", real)
+    assert not state.locked(), "an interrupt after the acquire left the lock held forever"
+    assert locks._held.stack == []
+
+
+def test_watchdog_reports_the_stall_cleared_once_no_lock_is_over_the_threshold() -> None:
+    state = RankedLock("state_lock")
+    stalled, cleared = threading.Event(), threading.Event()
+    dog = LockWatchdog(threshold=0.2, on_stall=lambda s: stalled.set(), on_clear=cleared.set, interval=0.02)
+    dog.start()
+    try:
+        with held_by_thread(state):
+            assert stalled.wait(WAIT)
+            assert dog.stall is not None and "state_lock held" in dog.stall
+            assert not cleared.is_set()
+        assert cleared.wait(WAIT), "the watchdog never said the stall was over"
+        assert dog.stall is None
+    finally:
+        dog.stop()

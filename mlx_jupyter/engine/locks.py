@@ -174,17 +174,26 @@ class RankedLock:
         if _mode != "off":
             return self._acquire(sys._getframe(1), True, -1)
         # The manager's hot path: only what the watchdog needs, inlined.
+        stack = _held.stack
         entry = [self, None, None, _monotonic(), False]
-        _held.stack.append(entry)
-        self._lock.acquire()
-        entry[3], entry[4] = _monotonic(), True
+        stack.append(entry)
+        try:
+            # Stored straight from the call, so an interrupt can never find the lock held
+            # while the entry says it is not.
+            entry[4] = self._lock.acquire()
+            entry[3] = _monotonic()
+        except BaseException:
+            self._unwind(stack, entry)
+            raise
         return True
 
     def __exit__(self, *exc: object) -> None:
         stack = _held.stack
         if _mode == "off" and stack and stack[-1][0] is self:
-            stack.pop()
-            self._lock.release()
+            try:
+                stack.pop()
+            finally:  # even if an interrupt lands here, the lock is released
+                self._lock.release()
         else:
             self.release()
 
@@ -196,17 +205,35 @@ class RankedLock:
                 log.debug("acquire %s", self.name)
         entry = [self, here, here.f_lineno if here is not None else None, _monotonic(), False]
         stack.append(entry)
-        if self._lock.acquire(blocking, timeout):
-            entry[3], entry[4] = _monotonic(), True
-            return True
-        stack.remove(entry)
-        return False
+        try:
+            entry[4] = self._lock.acquire(blocking, timeout)
+            if entry[4]:
+                entry[3] = _monotonic()
+        except BaseException:
+            self._unwind(stack, entry)
+            raise
+        if not entry[4]:
+            _remove(stack, entry)
+        return entry[4]
+
+    def _unwind(self, stack: list[list], entry: list) -> None:
+        """An exception during or right after the acquire (KeyboardInterrupt in the kernel's
+        main thread): leave neither the lock held nor an entry the watchdog would read as a stall."""
+        if entry[4]:
+            self._lock.release()
+        _remove(stack, entry)
 
     def release(self) -> None:
         stack = _held.stack
         if stack and stack[-1][0] is self:
-            stack.pop()
-        elif not self._forget(stack):
+            try:
+                stack.pop()
+                if _mode == "observe":
+                    log.debug("release %s", self.name)
+            finally:  # even if an interrupt lands here, the lock is released
+                self._lock.release()
+            return
+        if not self._forget(stack):
             if _mode != "off":  # validate raises here and the holder keeps its lock
                 _report(f"{self.name} released by {threading.current_thread().name}, which does not hold it")
             for _thread, other in list(_stacks.values()):  # drop the real holder's entry
@@ -225,6 +252,14 @@ class RankedLock:
 
     def locked(self) -> bool:
         return self._lock.locked()
+
+
+def _remove(stack: list[list], entry: list) -> None:
+    """Remove ``entry`` itself (entries of one lock compare equal, so not ``list.remove``)."""
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] is entry:
+            del stack[i]
+            return
 
 
 def held_locks() -> list[str]:
@@ -263,14 +298,23 @@ def all_thread_stacks() -> str:
 class LockWatchdog:
     """Logs every thread's stack once when a ranked lock is waited on or held too long.
 
-    A hang is then never silent: ``on_stall`` (the manager marks itself degraded) runs
-    once per stall, and the watchdog re-arms when no lock is over the threshold.
+    A hang is then never silent: ``stall`` says what is stalled (None when nothing is),
+    ``on_stall`` runs once per stall and ``on_clear`` once it is over, when no lock is
+    over the threshold any more; then the watchdog re-arms.
     """
 
-    def __init__(self, threshold: float, on_stall: Callable[[str], None], interval: float | None = None) -> None:
+    def __init__(
+        self,
+        threshold: float,
+        on_stall: Callable[[str], None] | None = None,
+        interval: float | None = None,
+        on_clear: Callable[[], None] | None = None,
+    ) -> None:
         self.threshold = threshold
         self.interval = interval if interval is not None else max(0.05, threshold / 4)
+        self.stall: str | None = None
         self._on_stall = on_stall
+        self._on_clear = on_clear
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx-lock-watchdog", daemon=True)
 
@@ -297,16 +341,22 @@ class LockWatchdog:
         return found
 
     def _run(self) -> None:
-        reported = False
         while not self._stop.wait(self.interval):
             stalls = self.stalled()
-            if stalls and not reported:
-                reported = True
-                summary = "; ".join(stalls)
-                log.error("lock watchdog: %s\n%s", summary, all_thread_stacks())
-                try:
-                    self._on_stall(summary)
-                except Exception:
-                    log.exception("lock watchdog callback failed")
-            elif not stalls:
-                reported = False
+            if stalls and self.stall is None:
+                self.stall = "; ".join(stalls)
+                log.error("lock watchdog: %s\n%s", self.stall, all_thread_stacks())
+                self._call(self._on_stall, self.stall)
+            elif not stalls and self.stall is not None:
+                log.warning("lock watchdog: the stall is over (%s)", self.stall)
+                self.stall = None
+                self._call(self._on_clear)
+
+    @staticmethod
+    def _call(callback: Callable[..., None] | None, *args: str) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("lock watchdog callback failed")
