@@ -128,8 +128,8 @@ def test_bad_messages_are_refused(make_manager, messages):
 def test_a_prompt_longer_than_the_context_is_a_value_error_and_the_worker_stays(make_manager):
     manager = make_manager()
     pid = manager.load(TINY).pid
-    with pytest.raises(PromptTooLongError, match=r"context is 512 tokens") as info:
-        manager.generate("word " * 2000, model=TINY, max_tokens=4)
+    with pytest.raises(PromptTooLongError, match=r"context is 32768 tokens") as info:
+        manager.generate("word " * 40_000, model=TINY, max_tokens=4)
     assert isinstance(info.value, ValueError)
     assert manager.generate("ok", model=TINY, max_tokens=2).finish_reason == "length"
     assert manager.status()[0].pid == pid
@@ -141,7 +141,7 @@ def test_sigkill_mid_stream_fails_every_in_flight_request_at_once(make_manager):
 
     def drain():
         try:
-            for _ in manager.stream_generate("x", model=TINY, max_tokens=100_000):
+            for _ in manager.stream_generate("x", model=TINY, max_tokens=30_000):
                 pass
         except WorkerCrashedError as exc:
             failures.append((exc, time.monotonic()))
@@ -168,7 +168,7 @@ def test_sigkill_mid_stream_fails_every_in_flight_request_at_once(make_manager):
 def test_a_hung_worker_is_killed_by_the_token_deadline_and_other_models_keep_serving(make_manager, model_dir):
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=2, token_timeout=1.0)
     manager.load("tiny-b")
-    stream = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    stream = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
     next(stream)
     hung = next(s.pid for s in manager.status() if s.id == "tiny-a")
     os.kill(hung, signal.SIGSTOP)
@@ -194,7 +194,7 @@ def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_mana
     # If the cancel did not reach the worker it would go on for 100k tokens and the
     # next request on the same worker would miss its first-token deadline.
     manager = make_manager(first_token_timeout=5.0, idle_timeout=0)
-    stream = manager.stream_generate("x", model=TINY, max_tokens=100_000)
+    stream = manager.stream_generate("x", model=TINY, max_tokens=30_000)
     next(stream)
     stream.close()
     (status,) = manager.status()
@@ -243,7 +243,7 @@ def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_proce
 
         def ask():
             try:
-                for _ in manager.stream_generate("x", max_tokens=100_000):
+                for _ in manager.stream_generate("x", max_tokens=30_000):
                     pass
                 outcome.append("finished")
             except ManagerClosedError as exc:

@@ -90,13 +90,13 @@ def test_builtin_model_is_created_once_in_versioned_cache_folder(
     tmp_path: Path,
 ) -> None:
     path = builtin_model_path()
-    assert path == tmp_path / "mlx-cache" / "builtin" / "tiny-v1"
+    assert path == tmp_path / "mlx-cache" / "builtin" / "tiny-v2"
     first = (path / "model.safetensors").stat()
 
     assert builtin_model_path() == path
     again = (path / "model.safetensors").stat()
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
-    assert [p.name for p in path.parent.iterdir()] == ["tiny-v1"]
+    assert [p.name for p in path.parent.iterdir()] == ["tiny-v2"]
 
 
 def test_builtin_model_is_byte_identical_in_two_fresh_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -122,7 +122,7 @@ def test_concurrent_builtin_creation_yields_one_complete_copy() -> None:
         paths = [future.result(timeout=60) for future in futures]
 
     assert len(set(paths)) == 1
-    assert [p.name for p in paths[0].parent.iterdir()] == ["tiny-v1"]
+    assert [p.name for p in paths[0].parent.iterdir()] == ["tiny-v2"]
     assert (paths[0] / "config.json").is_file()
 
 
@@ -133,7 +133,7 @@ def test_builtin_config_matches_its_tokenizer_and_context_length(name: str) -> N
     tokenizer = json.loads((path / "tokenizer.json").read_text())
 
     assert config["model_type"] == "llama"
-    assert config["max_position_embeddings"] == 512
+    assert config["max_position_embeddings"] == {"tiny": 32768, "pydoc": 512}[name]
     assert config["vocab_size"] == len(tokenizer["model"]["vocab"])
     assert tokenizer["decoder"]["type"] == "ByteLevel"
 

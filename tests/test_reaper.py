@@ -44,7 +44,7 @@ def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(reaped):
 
     def lease_just_before_commit(model):
         if not streams:
-            stream = manager.stream_generate("x", model=model, max_tokens=100_000, keep_alive=-1)
+            stream = manager.stream_generate("x", model=model, max_tokens=30_000, keep_alive=-1)
             next(stream)
             streams.append(stream)
 

@@ -359,8 +359,8 @@ BAD_REQUESTS = [
      "invalid_request", ["keep_alive", "'forever'"]),
     ("message_without_content", "mlx/api/generate", {"messages": [{"role": "user"}]}, 400, "invalid_request",
      ["messages[0]", "content"]),
-    ("prompt_longer_than_context", "mlx/api/generate", {"prompt": "word " * 2000}, 400,
-     "context_length_exceeded", ["512 tokens"]),
+    ("prompt_longer_than_context", "mlx/api/generate", {"prompt": "word " * 40_000}, 400,
+     "context_length_exceeded", ["32768 tokens"]),
     ("unknown_model", "mlx/api/generate", {"prompt": "hi", "model": "no-such-model"}, 404, "model_not_found",
      ["'no-such-model'", "models/available"]),
     ("stream_unknown_model", "mlx/api/generate", {"prompt": "hi", "model": "no-such-model", "stream": True}, 404,
@@ -490,7 +490,7 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
 async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
     manager.load("builtin:tiny")
     # Greedy on "x" never meets the end token: the answer cannot finish before the hang.
-    body = {"prompt": "x", "max_tokens": 100_000, "temperature": 0}
+    body = {"prompt": "x", "max_tokens": 30_000, "temperature": 0}
     answer = asyncio.ensure_future(post(jp_fetch, path, body))
     for _ in range(500):  # until the request holds the worker
         if manager.status()[0].active_requests:
