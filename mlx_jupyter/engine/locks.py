@@ -344,9 +344,10 @@ class LockWatchdog:
         while not self._stop.wait(self.interval):
             stalls = self.stalled()
             if stalls and self.stall is None:
-                self.stall = "; ".join(stalls)
-                log.error("lock watchdog: %s\n%s", self.stall, all_thread_stacks())
-                self._call(self._on_stall, self.stall)
+                summary = "; ".join(stalls)
+                log.error("lock watchdog: %s\n%s", summary, all_thread_stacks())
+                self.stall = summary  # after the stacks are logged: whoever reads it can find them
+                self._call(self._on_stall, summary)
             elif not stalls and self.stall is not None:
                 log.warning("lock watchdog: the stall is over (%s)", self.stall)
                 self.stall = None
