@@ -31,6 +31,12 @@ class PromptTooLongError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class PromptTooLargeError(InvalidRequestError):
+    """The prompt has more characters than ``max_prompt_chars`` allows."""
+
+    code = "prompt_too_long"
+
+
 class ModelNotFoundError(MLXError, LookupError):
     """No loadable model has this id."""
 
@@ -77,6 +83,18 @@ class ModelUnloadedError(MLXError):
     """The model was unloaded (or its worker stopped) while the request was running."""
 
     code = "model_unloaded"
+
+
+class RequestCancelledError(MLXError):
+    """The request was cancelled (its client left) before it could start."""
+
+    code = "cancelled"
+
+
+class UnloadPendingError(MLXError):
+    """``unload()`` gave up waiting for in-flight requests; the model unloads when they end."""
+
+    code = "unload_pending"
 
 
 def _subclasses(cls: type[MLXError]) -> list[type[MLXError]]:
