@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import Latch, pid_alive, wait_for
 
 TINY = "builtin:tiny"
 
@@ -135,7 +135,7 @@ def test_lru_idle_model_is_evicted_to_make_room(make_manager, model_dir):
 
 def test_a_busy_model_is_never_evicted_and_the_waiter_gets_all_models_busy(make_manager, model_dir):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=1.5)
-    stream = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    stream = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
     next(stream)
     pid = manager.status()[0].pid
     with pytest.raises(AllModelsBusyError, match="slots stayed busy"):
@@ -152,7 +152,7 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
     make_manager, model_dir
 ):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=60)
-    busy = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    busy = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
     next(busy)  # tiny-a is busy and holds the only slot
     order = []
 
@@ -229,23 +229,36 @@ def test_a_ping_during_a_stream_is_answered_without_taking_the_streams_text(make
     assert "".join(text) == expected
 
 
-def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded(make_manager, caplog):
+def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded_until_it_is_released(make_manager, caplog):
     manager = make_manager(watchdog_threshold=0.2)
     assert manager.health()["status"] == "ok"
-    with caplog.at_level("ERROR", logger="mlx_jupyter.engine.locks"), manager._activity_lock:
+    held, release = threading.Event(), Latch()  # Latch: it waits holding the lock, on purpose
+
+    def hold_the_activity_lock():
+        with manager._activity_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_the_activity_lock, name="stuck-holder")
+    with caplog.at_level("ERROR", logger="mlx_jupyter.engine.locks"):
+        holder.start()
+        assert held.wait(10)
         assert wait_for(lambda: manager.degraded, timeout=5)
-    health = manager.health()
-    assert health["status"] == "degraded" and "activity_lock held" in health["degraded_reason"]
-    assert "test_a_lock_held_past_the_watchdog_threshold" in caplog.text, "the holder's stack was logged"
+    assert "activity_lock held by stuck-holder" in manager.degraded
+    assert "hold_the_activity_lock" in caplog.text, "the holder's stack was logged"
+    release.set()
+    holder.join(10)
+    assert wait_for(lambda: manager.health()["status"] == "ok", timeout=5), "degraded outlived its cause"
+    assert manager.health()["degraded_reason"] is None
 
 
 def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager, model_dir):
     manager = make_manager(max_loaded_models=2, model_dirs=[str(model_dir)], queue_timeout=5)
     manager.load("tiny-a")
     manager.load("tiny-b")
-    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=100_000)
+    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
     next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
-    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=100_000)
+    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=30_000)
     next(busy_b)
     loading, gate = threading.Event(), threading.Event()
 

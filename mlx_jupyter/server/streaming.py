@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 
+from mlx_jupyter.engine.generation import GenerationStream
 from mlx_jupyter.engine.locks import assert_no_locks_held
 from mlx_jupyter.engine.types import GenerationChunk
 
@@ -14,12 +15,13 @@ from mlx_jupyter.engine.types import GenerationChunk
 class ChunkBridge:
     """Iterates an engine stream on a pool thread and hands chunks to the event loop.
 
-    The pool thread owns the generator: it alone advances and closes it, so closing it
+    The pool thread owns the stream: it alone advances and closes it, so closing it
     (which sends ``cancel`` to the worker and releases the lease) happens off the loop.
-    ``cancel()`` asks it to stop after the current chunk; nothing here takes a lock.
+    ``cancel()`` reaches the stream at once, wherever it waits (for a model slot, a load,
+    or a token that may carry no text); nothing here takes a lock.
     """
 
-    def __init__(self, chunks: Iterator[GenerationChunk], executor: Executor) -> None:
+    def __init__(self, chunks: GenerationStream, executor: Executor) -> None:
         self._chunks = chunks
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
@@ -28,6 +30,7 @@ class ChunkBridge:
 
     def cancel(self) -> None:
         self._cancelled.set()
+        self._chunks.cancel()
 
     async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
         try:
@@ -64,4 +67,4 @@ class ChunkBridge:
             self._put("end", None)
         finally:
             assert_no_locks_held("closing a stream")
-            self._chunks.close()  # type: ignore[attr-defined]
+            self._chunks.close()
