@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 
 from mlx_jupyter.engine.manager import WorkerManager
+from tests.helpers import Latch
 
 
 class BeforeFixManager(WorkerManager):
@@ -34,7 +35,7 @@ class BeforeFixManager(WorkerManager):
 def run_interleaving(manager: BeforeFixManager, timeout: float) -> dict[str, BaseException | None]:
     """Idle monitor holds activity_lock while a request holds the state lock; then each asks
     for the other's lock. Returns each thread's exception (None when it finished)."""
-    monitor_holds, request_holds = threading.Event(), threading.Event()
+    monitor_holds, request_holds = Latch(), Latch()
     outcome: dict[str, BaseException | None] = {}
 
     def run(name: str, body: Callable[[], None]) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,28 @@ if _OWN_CACHE:
     os.environ["MLX_JUPYTER_CACHE"] = _OWN_CACHE
 
 faulthandler.enable(file=sys.stderr, all_threads=True)
+
+
+def _no_engine_lock_held_while_blocking() -> None:
+    """Every blocking call in the suite, in any thread, first asserts that its thread holds no
+    engine lock: nothing sleeps, waits or joins under the locks (a thread's first start waits too)."""
+
+    def guarded(fn, what):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            locks.assert_no_locks_held(what)
+            return fn(*args, **kwargs)
+
+        return call
+
+    threading.Condition.wait = guarded(threading.Condition.wait, "Condition.wait")
+    threading.Event.wait = guarded(threading.Event.wait, "Event.wait")
+    threading.Thread.join = guarded(threading.Thread.join, "Thread.join")
+    subprocess.Popen.wait = guarded(subprocess.Popen.wait, "Popen.wait")
+    time.sleep = guarded(time.sleep, "time.sleep")
+
+
+_no_engine_lock_held_while_blocking()
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 

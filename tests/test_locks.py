@@ -17,6 +17,7 @@ import pytest
 
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.locks import LockOrderViolation, LockWatchdog, RankedLock
+from tests.helpers import Latch
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCKS_LOGGER = "mlx_jupyter.engine.locks"
@@ -61,7 +62,7 @@ def run_in_thread(fn: Callable[[], object], name: str) -> BaseException | None:
 @contextmanager
 def held_by_thread(lock: RankedLock, name: str = "holder") -> Iterator[threading.Thread]:
     """Another thread holds ``lock`` for the duration of the block."""
-    taken, done = threading.Event(), threading.Event()
+    taken, done = threading.Event(), Latch()  # Latch: it waits holding the lock, on purpose
 
     def hold_until_told() -> None:
         with lock:
@@ -185,14 +186,25 @@ def test_assert_no_locks_held_raises_while_a_lock_is_held_and_is_silent_otherwis
 def test_held_locks_lists_the_calling_threads_locks_outermost_first() -> None:
     activity, state = RankedLock("activity_lock"), RankedLock("state_lock")
     seen_elsewhere: list[list[str]] = []
+    look, looked = Latch(), Latch()  # the other thread is started before, not under, the locks
+
+    def look_when_told() -> None:
+        look.wait(WAIT)
+        seen_elsewhere.append(locks.held_locks())
+        looked.set()
+
+    other = threading.Thread(target=look_when_told, name="other", daemon=True)
+    other.start()
     assert locks.held_locks() == []
     with activity:
         assert locks.held_locks() == ["activity_lock"]
         with state:
             assert locks.held_locks() == ["activity_lock", "state_lock"]
-            run_in_thread(lambda: seen_elsewhere.append(locks.held_locks()), "other")
+            look.set()
+            assert looked.wait(WAIT)
         assert locks.held_locks() == ["activity_lock"]
     assert locks.held_locks() == []
+    other.join(WAIT)
     assert seen_elsewhere == [[]]
 
 
@@ -316,7 +328,7 @@ def test_failed_try_acquire_by_the_holder_keeps_the_lock_visible_to_the_watchdog
 def test_release_by_another_thread_in_observe_mode_leaves_no_phantom_holder() -> None:
     locks.set_mode("observe")
     state = RankedLock("state_lock")
-    taken, done = threading.Event(), threading.Event()
+    taken, done = threading.Event(), Latch()  # Latch: it waits holding the lock, on purpose
 
     def take_and_keep() -> None:
         state.acquire()
