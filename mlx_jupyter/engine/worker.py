@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 Frame = dict[str, Any]
 
+# Seconds a worker whose event pipe closed may take to exit before it is killed.
+REAP_GRACE_S = 5.0
+
 
 class WorkerProcess:
     """One worker process and the threads that talk to it.
@@ -36,6 +39,8 @@ class WorkerProcess:
     """
 
     _seq = itertools.count(1)
+    # The module a worker process runs; tests name a stand-in that misbehaves on purpose.
+    module = "mlx_jupyter.engine.worker_main"
 
     def __init__(self, model_id: str, on_exit: Callable[[WorkerProcess], None] | None = None) -> None:
         self.model_id = model_id
@@ -75,7 +80,7 @@ class WorkerProcess:
                 [
                     sys.executable,
                     "-m",
-                    "mlx_jupyter.engine.worker_main",
+                    self.module,
                     f"--cmd-fd={cmd_r}",
                     f"--evt-fd={evt_w}",
                     f"--parent-pid={os.getpid()}",
@@ -245,7 +250,7 @@ class WorkerProcess:
     def _reap(self) -> None:
         assert self.proc is not None
         try:
-            rc = self.proc.wait(5)
+            rc = self.proc.wait(REAP_GRACE_S)
         except subprocess.TimeoutExpired:  # closed its pipe but lives on: make sure it dies
             self.proc.kill()
             rc = self.proc.wait()

@@ -142,15 +142,18 @@ class Worker:
                 msg = p.read_frame(self.cmd_fd)
             except (p.ChannelClosed, OSError):
                 os._exit(0)  # the command pipe doubles as the death pipe
-            op = msg.get("op")
-            if op == p.OP_CANCEL:
-                self.cancelled.add(msg["request_id"])
-            elif op == p.OP_PING:
-                self.out.send({"type": p.T_PONG, "request_id": msg.get("request_id", ""), "seq": msg.get("seq")})
-            elif op == p.OP_SHUTDOWN:
-                self.inbox.put(None)
-            else:
-                self.inbox.put(msg)
+            self.command(msg)
+
+    def command(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        if op == p.OP_CANCEL:
+            self.cancelled.add(msg["request_id"])
+        elif op == p.OP_PING:
+            self.out.send({"type": p.T_PONG, "request_id": msg.get("request_id", ""), "seq": msg.get("seq")})
+        elif op == p.OP_SHUTDOWN:
+            self.inbox.put(None)
+        else:
+            self.inbox.put(msg)
 
     def serve(self) -> None:
         while True:
