@@ -135,10 +135,13 @@ class WorkerManager:
         watchdog_threshold: float = 10.0,
         max_tokens_limit: int = 1_000_000,
         warm_spare: bool = True,
+        batch_size: int = 32,
         resolver: ModelResolver | None = None,
     ) -> None:
         if max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be at least 1, not {max_loaded_models}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if idle_timeout < 0 or memory_limit < 0:
             raise ValueError("idle_timeout and memory_limit must not be negative")
         self.idle_timeout = idle_timeout
@@ -152,6 +155,7 @@ class WorkerManager:
         self.token_timeout = token_timeout
         self.max_tokens_limit = max_tokens_limit
         self.warm_spare = warm_spare
+        self.batch_size = batch_size
         self.resolver = resolver or ModelResolver(model_dirs, allow_downloads=allow_downloads)
         self.hooks: dict[str, Hook] = {}
         self.degraded: str | None = None
@@ -540,7 +544,9 @@ class WorkerManager:
             if closed:
                 raise ManagerClosedError("the model server is shutting down")
             self._hook("load.after_spawn", model=spec.id)
-            loaded = worker.load(str(spec.path), self.load_timeout)
+            loaded = worker.load(
+                str(spec.path), self.load_timeout, batch_size=self.batch_size, memory_limit=self.memory_limit
+            )
             with self._activity_lock, self._state_lock:
                 record.memory_bytes = int(loaded.get("memory_bytes") or 0)
                 record.load_s = loaded.get("load_s")
