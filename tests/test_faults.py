@@ -293,8 +293,8 @@ def test_a_worker_that_dies_right_after_loading_does_not_leave_a_broken_ready_mo
 
     real_load = WorkerProcess.load
 
-    def load_then_die(self, path, timeout):
-        frame = real_load(self, path, timeout)
+    def load_then_die(self, path, timeout, **options):
+        frame = real_load(self, path, timeout, **options)
         self.proc.kill()  # e.g. the OOM killer, before the manager publishes the model
         assert self.exited.wait(10)
         monkeypatch.setattr(WorkerProcess, "load", real_load)  # only the first worker dies

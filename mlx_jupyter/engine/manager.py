@@ -163,11 +163,14 @@ class WorkerManager:
         max_tokens_limit: int = 1_000_000,
         max_prompt_chars: int = 1_000_000,
         warm_spare: bool = True,
+        batch_size: int = 32,
         resolver: ModelResolver | None = None,
         spawn: Spawn = spawn_worker,
     ) -> None:
         if max_loaded_models < 1:
             raise ValueError(f"max_loaded_models must be at least 1, not {max_loaded_models}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
         if idle_timeout < 0 or memory_limit < 0:
             raise ValueError("idle_timeout and memory_limit must not be negative")
         self._idle_timeout = idle_timeout
@@ -183,6 +186,7 @@ class WorkerManager:
         self.max_tokens_limit = max_tokens_limit
         self.max_prompt_chars = max_prompt_chars
         self.warm_spare = warm_spare
+        self.batch_size = batch_size
         self.resolver = resolver or ModelResolver(model_dirs, allow_downloads=allow_downloads)
         self.hooks: dict[str, Hook] = {}
         # Life-cycle counts for metrics (loads, load_failures, evictions, idle_unloads,
@@ -638,7 +642,9 @@ class WorkerManager:
             if closed:
                 raise ManagerClosedError("the model server is shutting down")
             self._hook("load.after_spawn", model=spec.id)
-            loaded = worker.load(str(spec.path), self.load_timeout)
+            loaded = worker.load(
+                str(spec.path), self.load_timeout, batch_size=self.batch_size, memory_limit=self.memory_limit
+            )
             with self._activity_lock, self._state_lock:
                 record.memory_bytes = int(loaded.get("memory_bytes") or 0)
                 record.context_length = loaded.get("context_length")

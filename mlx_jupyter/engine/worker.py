@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -17,12 +18,29 @@ from collections.abc import Callable
 from typing import Any
 
 from mlx_jupyter.engine import protocol as p
-from mlx_jupyter.engine.errors import ModelUnloadedError, WorkerCrashedError, WorkerTimeoutError, error_from_frame
+from mlx_jupyter.engine.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    ModelUnloadedError,
+    WorkerCrashedError,
+    WorkerTimeoutError,
+    error_from_frame,
+)
 from mlx_jupyter.engine.locks import RankedLock, assert_no_locks_held
 
 log = logging.getLogger(__name__)
 
 Frame = dict[str, Any]
+
+# Seconds a worker whose event pipe closed may take to exit before it is killed.
+REAP_GRACE_S = 5.0
+# Seconds a process may take to go after SIGKILL (freeing a large model takes a while); one
+# still there then (stuck in the kernel) is given up.
+KILL_WAIT_S = 10.0
+# The server's credentials: a worker runs model code and needs none of them.
+SECRET_ENV = ("MLX_JUPYTER_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
+# How a worker's last words say it ran out of memory (C++, Python, glibc).
+_OUT_OF_MEMORY = re.compile(r"bad_alloc|MemoryError|[Cc]annot allocate memory")
 
 
 class WorkerProcess:
@@ -30,12 +48,17 @@ class WorkerProcess:
 
     Thread-safety: ``_routes`` (request id -> frame queue) and ``_dead`` are guarded
     by ``routes_lock``, held only for dictionary operations. Only the writer thread
-    writes the command pipe (callers hand it messages through a SimpleQueue), and only
-    the reader thread reads the event pipe, so no lock is ever held across IPC. When the
-    process exits, the reader fails every open route at once and calls ``on_exit``.
+    writes the command pipe (callers encode their message, so one over the frame limit
+    fails in the caller, and hand the bytes over through a SimpleQueue), and only the
+    reader thread reads the event pipe, so no lock is ever held across IPC. When the
+    process exits, or breaks the protocol and is killed, every open route fails at once
+    and ``on_exit`` runs, once. Every wait for the process is bounded: one that SIGKILL
+    cannot end within ``KILL_WAIT_S`` is given up (logged with its pid) as if it had exited.
     """
 
     _seq = itertools.count(1)
+    # The module a worker process runs; tests name a stand-in that misbehaves on purpose.
+    module = "mlx_jupyter.engine.worker_main"
 
     def __init__(self, model_id: str, on_exit: Callable[[WorkerProcess], None] | None = None) -> None:
         self.model_id = model_id
@@ -45,8 +68,9 @@ class WorkerProcess:
         self._routes: dict[str, queue.SimpleQueue[Frame]] = {}
         self._dead: Frame | None = None
         self._exit_frame: Frame | None = None
-        self._outbox: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._stderr_tail: deque[str] = deque(maxlen=20)
+        self._stderr_closed = threading.Event()
         self._threads: list[threading.Thread] = []
         self.exited = threading.Event()
         self.last_frame_at = time.monotonic()  # any frame proves the worker is making progress
@@ -69,13 +93,14 @@ class WorkerProcess:
         assert_no_locks_held("worker spawn")
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = {name: value for name, value in os.environ.items() if name not in SECRET_ENV}
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
         try:
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
-                    "mlx_jupyter.engine.worker_main",
+                    self.module,
                     f"--cmd-fd={cmd_r}",
                     f"--evt-fd={evt_w}",
                     f"--parent-pid={os.getpid()}",
@@ -114,13 +139,36 @@ class WorkerProcess:
         self.model_id = model_id
         self._on_exit = on_exit
 
-    def load(self, path: str, timeout: float) -> Frame:
-        """Load the model; returns the ``loaded`` frame or raises with the loader's reason."""
+    def load(self, path: str, timeout: float, *, batch_size: int = p.BATCH_SIZE, memory_limit: int = 0) -> Frame:
+        """Load the model; returns the ``loaded`` frame or raises with the loader's reason.
+
+        ``batch_size`` rows decode together (more requests wait queued); a ``memory_limit``
+        (bytes, 0 = none) bounds what the load may allocate.
+        """
         rid = f"load-{next(self._seq)}"
         frames = self.open(rid)
         try:
-            self.send({"op": p.OP_LOAD, "request_id": rid, "path": path})
+            self.send(
+                {
+                    "op": p.OP_LOAD,
+                    "request_id": rid,
+                    "path": path,
+                    "model": self.model_id,
+                    "batch_size": batch_size,
+                    "memory_limit": memory_limit,
+                }
+            )
             return self.expect(frames, timeout, "load")
+        except WorkerCrashedError:
+            # mlx may abort on an allocation that fails at the bound instead of raising MemoryError.
+            if memory_limit and _OUT_OF_MEMORY.search(tail := self._last_words()):
+                raise ModelLoadError(
+                    f"model {self.model_id!r} ran out of memory while loading: memory_limit is {memory_limit} bytes, "
+                    f"and its worker died at the bound that sets (last output: {tail}). Check the model's "
+                    "config.json (a size such as num_hidden_layers may be far too large), or raise memory_limit "
+                    "(0 = no limit)"
+                ) from None
+            raise
         finally:
             self.close(rid)
 
@@ -159,7 +207,10 @@ class WorkerProcess:
         return frame
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Ask the worker to exit, kill it if it does not, and wait for the reader to finish."""
+        """Ask the worker to exit, kill it if it does not, and wait for the reader to finish.
+
+        Returns within about ``2 * timeout + KILL_WAIT_S``, whatever the process does.
+        """
         assert_no_locks_held("worker stop")
         if self.proc is None:
             return
@@ -167,31 +218,34 @@ class WorkerProcess:
             "code": ModelUnloadedError.code,
             "message": f"model {self.model_id!r} was unloaded while the request was running",
         }
-        self._outbox.put({"op": p.OP_SHUTDOWN})
+        self._outbox.put(p.encode({"op": p.OP_SHUTDOWN}))
         self._outbox.put(None)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             log.warning("worker for %s (pid %s) ignored shutdown for %gs; killing it", self.model_id, self.pid, timeout)
-            self.proc.kill()
+            self._sigkill()
+            self._await_exit()
         self.join(timeout)
 
     def kill(self, message: str, code: str = WorkerCrashedError.code) -> None:
-        """Kill the process at once; every open request fails with ``message``."""
+        """Kill the process; every open request fails with ``message``. Returns within ``KILL_WAIT_S``."""
         assert_no_locks_held("worker kill")
         if self.proc is None:
             return
         self._exit_frame = self._exit_frame or {"code": code, "message": message}
         self._outbox.put(None)
         if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            self._sigkill()
+            self._await_exit()
 
     def join(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` in all for the threads (the reader reports the exit)."""
         assert_no_locks_held("worker join")
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join(timeout)
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     # -- requests ---------------------------------------------------------------
 
@@ -210,8 +264,16 @@ class WorkerProcess:
             self._routes.pop(rid, None)
 
     def send(self, message: Frame) -> None:
+        """Hand ``message`` to the writer thread; one over the frame limit is refused here, unsent."""
         assert_no_locks_held("worker send")
-        self._outbox.put(message)
+        try:
+            data = p.encode(message)
+        except p.FrameTooLarge as exc:
+            raise InvalidRequestError(
+                f"the request is {exc.size} bytes once encoded, over the {p.MAX_FRAME} byte limit of a "
+                "message to a worker; send a shorter prompt or fewer messages"
+            ) from None
+        self._outbox.put(data)
 
     def cancel(self, rid: str) -> None:
         self.send({"op": p.OP_CANCEL, "request_id": rid})
@@ -220,8 +282,8 @@ class WorkerProcess:
 
     def _write_commands(self, fd: int) -> None:
         try:
-            while (message := self._outbox.get()) is not None:
-                p.write_frame(fd, message)
+            while (data := self._outbox.get()) is not None:
+                p.write_all(fd, data)
         except OSError:
             pass  # the worker is gone; the reader reports it
         finally:
@@ -232,25 +294,73 @@ class WorkerProcess:
             while True:
                 frame = p.read_frame(fd)
                 self.last_frame_at = time.monotonic()
+                rid = frame.get("request_id", "")
+                if not isinstance(frame.get("type"), str) or not isinstance(rid, str):
+                    raise p.BadFrame(f"the frame's type or request_id is not a string: {frame!r:.200}", b"")
                 with self._routes_lock:
-                    frames = self._routes.get(frame.get("request_id", ""))
+                    frames = self._routes.get(rid)
                 if frames is not None:
                     frames.put(frame)
-        except (p.ChannelClosed, OSError, ValueError):
+        except (p.ChannelClosed, OSError):
             pass
+        except Exception as exc:  # a worker that breaks the protocol can be trusted with no request
+            self._protocol_error(exc)
         finally:
             os.close(fd)
         self._reap()
 
+    def _protocol_error(self, exc: Exception) -> None:
+        message = (
+            f"protocol error from the worker for model {self.model_id!r} (pid {self.pid}): {exc}; "
+            "it was killed and the next request starts a fresh worker"
+        )
+        log.error("%s", message)
+        self._exit_frame = self._exit_frame or {"code": WorkerCrashedError.code, "message": message}
+        self._sigkill()
+
     def _reap(self) -> None:
         assert self.proc is not None
         try:
-            rc = self.proc.wait(5)
+            rc = self.proc.wait(REAP_GRACE_S)
         except subprocess.TimeoutExpired:  # closed its pipe but lives on: make sure it dies
+            self._sigkill()
+            if not self._await_exit():
+                return
+            rc = self.proc.returncode
+        self._finish({"type": p.T_ERROR, **(self._exit_frame or self._crash_report(rc))})
+
+    def _sigkill(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
-            rc = self.proc.wait()
-        frame = {"type": p.T_ERROR, **(self._exit_frame or self._crash_report(rc))}
+
+    def _await_exit(self) -> bool:
+        """Wait ``KILL_WAIT_S`` for the process after SIGKILL; if it is still there, give it up."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(KILL_WAIT_S)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+        log.error(
+            "worker for model %s (pid %s) is still there %gs after SIGKILL (stuck in the kernel?); giving it up",
+            self.model_id,
+            self.pid,
+            KILL_WAIT_S,
+        )
+        gone = {
+            "code": WorkerCrashedError.code,
+            "message": f"the worker for model {self.model_id!r} (pid {self.pid}) could not be stopped; "
+            "the next request starts a fresh worker",
+        }
+        self._finish({"type": p.T_ERROR, **(self._exit_frame or gone)})
+        return False
+
+    def _finish(self, frame: Frame) -> None:
+        """Fail every open route with ``frame``, then run ``on_exit``; only the first call acts."""
         with self._routes_lock:
+            if self._dead is not None:
+                return
             self._dead = frame
             routes, self._routes = list(self._routes.values()), {}
         for frames in routes:
@@ -258,12 +368,19 @@ class WorkerProcess:
         self._outbox.put(None)
         self.exited.set()
         if self._on_exit is not None:
-            self._on_exit(self)
+            try:
+                self._on_exit(self)
+            except Exception:
+                log.exception("handling the exit of the worker for %s (pid %s) failed", self.model_id, self.pid)
+
+    def _last_words(self) -> str:
+        """The worker's last lines on stderr, once it closed it (or a second passed)."""
+        self._stderr_closed.wait(1.0)
+        return " | ".join("".join(self._stderr_tail).strip().splitlines()[-3:])
 
     def _crash_report(self, rc: int) -> Frame:
         how = f"signal {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-        tail = "".join(self._stderr_tail).strip().splitlines()[-3:]
-        detail = f" (last output: {' | '.join(tail)})" if tail else ""
+        detail = f" (last output: {tail})" if (tail := self._last_words()) else ""
         message = (
             f"worker for model {self.model_id!r} (pid {self.pid}) died with {how}{detail}; "
             "the next request starts a fresh worker"
@@ -273,8 +390,11 @@ class WorkerProcess:
 
     def _drain_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self._stderr_tail.append(line)
-            log.info("[worker %s pid %s] %s", self.model_id, self.pid, line.rstrip())
-        self.proc.stderr.close()
+        try:
+            for raw in self.proc.stderr:
+                line = raw.decode(errors="replace")
+                self._stderr_tail.append(line)
+                log.info("[worker %s pid %s] %s", self.model_id, self.pid, line.rstrip())
+            self.proc.stderr.close()
+        finally:
+            self._stderr_closed.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -15,12 +16,11 @@ from collections import deque
 from typing import Any
 
 from mlx_jupyter.engine import protocol as p
+from mlx_jupyter.engine.load_bound import bounded_memory
 
 log = logging.getLogger("mlx_jupyter.worker")
 
 _PR_SET_PDEATHSIG = 1
-# Most sequences decoded together; more wait in arrival order.
-BATCH_SIZE = 32
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -34,6 +34,19 @@ def _die_with_parent(parent_pid: int) -> None:
     # The parent may have died before prctl took effect.
     if os.getppid() != parent_pid:
         os._exit(0)
+
+
+def _warm_cxx_exceptions() -> None:
+    """Throw one C++ exception on the main thread now, while memory is plentiful.
+
+    libstdc++ allocates a thread's exception state at its first throw: were that first throw
+    a bad_alloc at a load's memory bound, that allocation would fail too, and glibc would end
+    the process instead of the load raising MemoryError.
+    """
+    import mlx.core as mx
+
+    with contextlib.suppress(ValueError):
+        mx.zeros((2,)).reshape(3)
 
 
 class Outbox:
@@ -58,6 +71,8 @@ class Outbox:
                 p.write_frame(self._fd, message)
             except OSError:
                 os._exit(0)  # the parent is gone
+            except Exception:  # e.g. MemoryError at a load's bound: this frame is lost, the thread lives on
+                log.exception("could not send a %r frame", message.get("type"))
 
 
 class StopMatcher:
@@ -115,18 +130,27 @@ def _batchable(msg: dict[str, Any]) -> bool:
 class Worker:
     """Serves one model. MLX runs on the main thread only; the reader thread only queues.
 
-    Concurrent generations share one ``BatchGenerator``: each loop turn takes every
-    queued message, admits waiting requests in arrival order, then decodes one step
-    for the whole batch, so requests join and leave between steps. A request that
-    cannot share the batch (see ``_batchable``) waits until the batch drains and then
-    runs alone; requests behind it wait too, so service stays first come, first served.
+    Concurrent generations share one ``BatchGenerator`` of ``batch_size`` rows: each loop
+    turn takes every queued message, admits waiting requests in arrival order while a
+    row is free, then decodes one step for the whole batch, so requests join and leave
+    between steps. A request beyond the batch waits queued, and is sent ``started`` only
+    when it gets a row. A request that cannot share the batch (see ``_batchable``) waits
+    until the batch drains and then runs alone; requests behind it wait too, so service
+    stays first come, first served.
+
+    Threads: the reader adds a generate's id to ``live`` before queuing it, and records a
+    cancel only for an id in ``live``; the main thread takes an id out of ``live``, then
+    out of ``cancelled``, when its request ends. So ``cancelled`` holds only requests the
+    worker has, plus the few that raced their own end, which each loop turn drops.
     """
 
     def __init__(self, cmd_fd: int, outbox: Outbox) -> None:
         self.cmd_fd = cmd_fd
         self.out = outbox
         self.inbox: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+        self.live: set[str] = set()
         self.cancelled: set[str] = set()
+        self.batch_size = p.BATCH_SIZE
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length: int | None = None
@@ -136,21 +160,46 @@ class Worker:
         self._samplers: dict[tuple[float, float], Any] = {}
 
     def read_commands(self) -> None:
-        """Reader thread: cancels and pings act at once, everything else goes to the main thread."""
+        """Reader thread: cancels and pings act at once, loads and generates go to the main thread.
+
+        A frame that is no request is answered with an error when its request id can be
+        found, logged, and skipped: the other requests go on.
+        """
         while True:
             try:
                 msg = p.read_frame(self.cmd_fd)
             except (p.ChannelClosed, OSError):
                 os._exit(0)  # the command pipe doubles as the death pipe
-            op = msg.get("op")
-            if op == p.OP_CANCEL:
-                self.cancelled.add(msg["request_id"])
-            elif op == p.OP_PING:
-                self.out.send({"type": p.T_PONG, "request_id": msg.get("request_id", ""), "seq": msg.get("seq")})
-            elif op == p.OP_SHUTDOWN:
-                self.inbox.put(None)
-            else:
-                self.inbox.put(msg)
+            except p.BadFrame as exc:
+                log.warning("bad frame for request %s: %s", exc.request_id, exc)
+                if exc.request_id is not None:
+                    self.error(exc.request_id, "invalid_request", f"the worker could not read the request: {exc}")
+                continue
+            try:
+                self.command(msg)
+            except Exception as exc:
+                log.exception("message %.200r failed", msg)
+                if isinstance(rid := msg.get("request_id"), str):
+                    self.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def command(self, msg: dict[str, Any]) -> None:
+        op, rid = msg.get("op"), msg.get("request_id")
+        if op == p.OP_PING:
+            self.out.send({"type": p.T_PONG, "request_id": rid if isinstance(rid, str) else "", "seq": msg.get("seq")})
+        elif op == p.OP_SHUTDOWN:
+            self.inbox.put(None)
+        elif not isinstance(rid, str):
+            log.warning("message %.200r has no request id; dropped", msg)
+        elif op == p.OP_CANCEL:
+            if rid in self.live:  # a finished or unknown request has nothing to cancel
+                self.cancelled.add(rid)
+        elif op == p.OP_GENERATE:
+            self.live.add(rid)
+            self.inbox.put(msg)
+        elif op == p.OP_LOAD:
+            self.inbox.put(msg)
+        else:
+            self.error(rid, "invalid_request", f"unknown operation {op!r}")
 
     def serve(self) -> None:
         while True:
@@ -164,36 +213,48 @@ class Worker:
                     msg = self.inbox.get_nowait()
             except queue.Empty:
                 pass
+            self.cancelled.intersection_update(self.live)  # cancels that raced their request's end
             self.admit()
             if self.running:
                 self.step()
 
     def handle(self, msg: dict[str, Any]) -> None:
-        rid = msg.get("request_id", "")
-        if msg.get("op") == p.OP_GENERATE:
+        rid = msg["request_id"]
+        if msg["op"] == p.OP_GENERATE:
             self.waiting.append(msg)
             return
         try:
-            if msg.get("op") == p.OP_LOAD:
-                self.load(rid, msg["path"])
-            else:
-                self.error(rid, "invalid_request", f"unknown operation {msg.get('op')!r}")
+            self.load(rid, msg)
         except Exception as exc:  # one bad request must not take the worker down
             log.exception("request %s failed", rid)
             self.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
 
     def error(self, rid: str, code: str, message: str) -> None:
+        self.live.discard(rid)
         self.cancelled.discard(rid)
         self.out.send({"type": p.T_ERROR, "request_id": rid, "code": code, "message": message})
 
-    def load(self, rid: str, path: str) -> None:
+    def load(self, rid: str, msg: dict[str, Any]) -> None:
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.models.cache import make_prompt_cache
 
+        self.batch_size = max(1, int(msg.get("batch_size") or p.BATCH_SIZE))
+        memory_limit = int(msg.get("memory_limit") or 0)
         start = time.perf_counter()
         try:
-            self.model, self.tokenizer, config = load(path, return_config=True)
+            with bounded_memory(memory_limit) as headroom:
+                self.model, self.tokenizer, config = load(msg["path"], return_config=True)
+        except MemoryError:
+            self.error(
+                rid,
+                "model_load_failed",
+                f"model {msg.get('model')!r} ran out of memory while loading: memory_limit is {memory_limit} "
+                f"bytes, and a load may use that plus {headroom} bytes for its tokenizer and threads. Check the "
+                "model's config.json (a size such as num_hidden_layers may be far too large), or raise "
+                "memory_limit (0 = no limit)",
+            )
+            return
         except Exception as exc:
             self.error(rid, "model_load_failed", f"{type(exc).__name__}: {exc}")
             return
@@ -215,18 +276,26 @@ class Worker:
     def _new_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator
 
-        return BatchGenerator(self.model, completion_batch_size=BATCH_SIZE, prefill_batch_size=BATCH_SIZE)
+        return BatchGenerator(self.model, completion_batch_size=self.batch_size, prefill_batch_size=self.batch_size)
 
     # -- admission --------------------------------------------------------------
 
     def admit(self) -> None:
-        """Start waiting requests in order while they can join the batch (or run alone on an empty one)."""
+        """Start waiting requests in order while they get a free row (or run alone on an empty batch)."""
+        if self.cancelled and self.waiting:  # a queued request whose client left ends now, rowless
+            keep = deque()
+            for msg in self.waiting:
+                if msg["request_id"] in self.cancelled:
+                    self.error(msg["request_id"], "cancelled", "the request was cancelled before it started")
+                else:
+                    keep.append(msg)
+            self.waiting = keep
         while self.waiting:
             msg = self.waiting[0]
-            rid = msg.get("request_id", "")
+            rid = msg["request_id"]
             solo = self.batch is None or not _batchable(msg)
-            if solo and self.running:
-                return  # let the batch drain; later requests keep their place behind this one
+            if self.running and (solo or len(self.running) >= self.batch_size):
+                return  # wait for rows to free up; later requests keep their place behind this one
             self.waiting.popleft()
             try:
                 self.start(rid, msg, solo)
@@ -238,7 +307,7 @@ class Worker:
         if self.model is None:
             self.error(rid, "invalid_request", "no model is loaded in this worker")
             return
-        if rid in self.cancelled:  # the client left while the request was queued
+        if rid in self.cancelled:  # the client left while a request ahead of it ran alone
             self.error(rid, "cancelled", "the request was cancelled before it started")
             return
         self.out.send({"type": p.T_STARTED, "request_id": rid})
@@ -337,6 +406,7 @@ class Worker:
         now = time.perf_counter()
         ttft = None if stream.first_at is None else stream.first_at - stream.start
         decode_s = None if stream.first_at is None else now - stream.first_at
+        self.live.discard(stream.rid)
         self.cancelled.discard(stream.rid)
         self.out.send(
             {
@@ -402,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     worker = Worker(args.cmd_fd, outbox)
     import mlx.core  # noqa: F401  (imported before "hello" so a load skips it)
     import mlx_lm  # noqa: F401
+
+    _warm_cxx_exceptions()
 
     threading.Thread(target=worker.read_commands, name="commands", daemon=True).start()
     outbox.send({"type": p.T_HELLO, "pid": os.getpid()})

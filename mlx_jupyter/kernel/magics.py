@@ -40,6 +40,7 @@ ENGINE_TRAITS = (
     "queue_timeout",
     "first_token_timeout",
     "token_timeout",
+    "batch_size",
 )
 DISCOVERY_TRAITS = ("server", "token", "request_timeout")
 _NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
@@ -175,6 +176,9 @@ class MLXMagics(Magics):
     queue_timeout = Float(60.0, config=True, help="Local engine: seconds a request waits for a model slot.")
     first_token_timeout = Float(120.0, config=True, help="Local engine: seconds to the first token before 'hung'.")
     token_timeout = Float(30.0, config=True, help="Local engine: seconds between tokens before 'hung'.")
+    batch_size = Int(
+        32, min=1, config=True, help="Local engine: sequences a worker decodes together; more wait queued."
+    )
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         super().__init__(shell, **kwargs)

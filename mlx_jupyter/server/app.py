@@ -86,6 +86,14 @@ class MLXExtension(ExtensionApp):
         that loading a model skips process start-up; it is replaced in the background after a
         load takes it. Costs one idle process (about 80 MB resident on Linux); turn off to save it.""",
     )
+    batch_size = Int(
+        32,
+        min=1,
+        config=True,
+        help="""Sequences one worker decodes together. More concurrent requests to the model
+        wait in arrival order, queued, until a sequence ends; the first-token deadline starts
+        only when a request gets its place in the batch.""",
+    )
     max_tokens_limit = Int(
         8192,
         config=True,
@@ -131,6 +139,7 @@ class MLXExtension(ExtensionApp):
             token_timeout=self.token_timeout,
             max_tokens_limit=self.max_tokens_limit,
             warm_spare=self.warm_spare,
+            batch_size=self.batch_size,
         )
         self.reaper = IdleReaper(self.manager)
         self.reaper.start()
