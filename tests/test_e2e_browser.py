@@ -157,8 +157,11 @@ def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
     shot(page, "4-panel-unloaded")
 
     # A model another client loads shows up, counts down to zero, and goes when the reaper unloads it.
-    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": "6s"}).status_code == 200
+    # It is shown before its short keep-alive starts: a slow browser must not miss a row already gone.
+    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": -1}).status_code == 200
     row = f'{PANEL} tr.mlx-model[data-model="tiny-a"]'
+    page.wait_for_selector(row, state="visible")
+    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": "6s"}).status_code == 200
     page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in 0:0").wait_for()
     page.wait_for_selector(row, state="detached", timeout=30_000)
     assert lab.models() == []

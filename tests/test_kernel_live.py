@@ -8,9 +8,11 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -23,7 +25,7 @@ from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
-from tests.test_server_live import LiveServer, free_port
+from tests.test_server_live import LiveServer
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 CELL_TIMEOUT_S = 180
@@ -57,6 +59,17 @@ def server(tmp_path, model_dir):
         live.client.delete(f"api/kernels/{kernel['id']}")
     live.stop()
     assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
+
+
+@pytest.fixture
+def refusing_url() -> Iterator[str]:
+    """A loopback URL that refuses connections for the whole test: its port is bound, never listened on.
+
+    A port that is merely free may be taken by another process (a busy CI runs many servers).
+    """
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{bound.getsockname()[1]}/"
 
 
 def start_kernel(live: LiveServer) -> tuple[str, ServerKernel]:
@@ -142,8 +155,10 @@ def test_discovery_tries_the_exported_url_then_the_runtime_file_then_nothing_for
     assert mlx_client.server_candidates(mlx_client.Discovery(server="local")) == []
 
 
-def test_a_kernel_finds_the_server_through_its_runtime_file_when_the_exported_url_is_dead(server, monkeypatch):
-    monkeypatch.setenv(ENV_URL, f"http://127.0.0.1:{free_port()}/")  # tried first, refuses
+def test_a_kernel_finds_the_server_through_its_runtime_file_when_the_exported_url_is_dead(
+    server, monkeypatch, refusing_url
+):
+    monkeypatch.setenv(ENV_URL, refusing_url)  # tried first, refuses
     monkeypatch.setenv(ENV_TOKEN, "stale")
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.tmp / "runtime"))
     monkeypatch.setenv("JPY_PARENT_PID", str(server.proc.pid))
@@ -264,8 +279,8 @@ def test_a_refused_token_is_one_line_that_says_what_to_set(
     assert run_cell(shell, "1 + 1")[0].result == 2
 
 
-def test_an_unreachable_server_is_one_line(shell):
-    use_server(shell, f"http://127.0.0.1:{free_port()}/", "")
+def test_an_unreachable_server_is_one_line(shell, refusing_url):
+    use_server(shell, refusing_url, "")
     result, out = run_cell(shell, "%mlx list")
     assert isinstance(result.error_in_exec, ServerUnreachableError)
     assert "cannot reach the Jupyter server at" in one_line(out)
