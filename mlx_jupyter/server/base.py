@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import sys
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -22,8 +21,6 @@ from mlx_jupyter.server.metrics import REQUESTS
 
 if TYPE_CHECKING:
     from mlx_jupyter.server.pool import RequestPool
-
-log = logging.getLogger(__name__)
 
 AUTH_RESOURCE = "mlx"
 # nginx's "client closed request": the client left before its answer was sent.
@@ -214,7 +211,7 @@ class MLXHandler(ExtensionHandlerMixin, APIHandler):
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if self.client_has_left():
             # Whatever broke once the client had gone broke because it had: not a server error.
-            log.debug("%s ended after its client left", self.endpoint, exc_info=(typ, value, tb))
+            self.log.debug("%s ended after its client left", self.endpoint, exc_info=(typ, value, tb))
             return
         super().log_exception(typ, value, tb)
 
@@ -227,7 +224,8 @@ class MLXHandler(ExtensionHandlerMixin, APIHandler):
     def finish(self, *args: Any, **kwargs: Any) -> Any:
         if not self.endless and self.client_has_left():
             self.set_status(CLIENT_CLOSED, "Client Closed Request")
-            log.info("client left before its answer: %s, model %s", self.endpoint, self.model or "none named")
+            # The extension's log, which Jupyter prints: module loggers have no handler there.
+            self.log.info("client left before its answer: %s, model %s", self.endpoint, self.model or "none named")
         return super().finish(*args, **kwargs)
 
     def on_finish(self) -> None:
