@@ -11,6 +11,8 @@ import openai
 import pytest
 from jupyter_server.utils import url_path_join
 
+from mlx_jupyter.engine.errors import InvalidRequestError, MLXError
+from mlx_jupyter.server.base import APIError, error_body
 from tests import test_server_api as api
 from tests.test_server_api import TINY, VALID, assert_error, assert_still_serves, check_bad_requests, ok_json, post
 
@@ -220,3 +222,14 @@ HOSTILE_BODIES = [
 
 async def test_hostile_bodies_that_were_500s_are_400s_that_name_the_problem(jp_fetch, manager):
     await check_bad_requests(jp_fetch, manager, HOSTILE_BODIES)
+
+
+def test_any_invalid_request_error_of_the_engine_is_a_400_whatever_its_code():
+    # The engine adds bounds with codes of their own (prompt_too_long, ...): each is still a client error.
+    class NewBoundError(InvalidRequestError):
+        code = "some_new_bound"
+
+    error = APIError.from_engine(NewBoundError("stop list has 17 strings; the limit is 16"))
+    assert (error.status_code, error.code) == (400, "some_new_bound")
+    assert error_body(error)["error"]["type"] == "invalid_request_error"
+    assert APIError.from_engine(MLXError("something broke")).status_code == 500

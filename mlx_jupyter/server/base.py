@@ -15,7 +15,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from mlx_jupyter.engine.errors import MLXError
+from mlx_jupyter.engine.errors import InvalidRequestError, MLXError
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.server.metrics import REQUESTS
 
@@ -69,7 +69,9 @@ class APIError(web.HTTPError):
 
     @classmethod
     def from_engine(cls, exc: MLXError) -> APIError:
-        return cls(HTTP_STATUS.get(exc.code, 500), str(exc), exc.code)
+        # A bound the engine adds under a code of its own is still the client's error.
+        status = HTTP_STATUS.get(exc.code) or (400 if isinstance(exc, InvalidRequestError) else 500)
+        return cls(status, str(exc), exc.code)
 
 
 def error_body(error: APIError) -> dict[str, Any]:
