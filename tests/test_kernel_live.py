@@ -275,7 +275,7 @@ def test_a_refused_token_is_one_line_that_says_what_to_set(
     use_server(shell, server.url, "wrong")
     result, out = run_cell(shell, "%%mlx --max-tokens 4\nhi")
     assert isinstance(result.error_in_exec, AuthError)
-    assert "refused this kernel's credential (403" in one_line(out) and "MLX_JUPYTER_TOKEN" in one_line(out)
+    assert "refused this kernel's credential (401" in one_line(out) and "MLX_JUPYTER_TOKEN" in one_line(out)
     assert run_cell(shell, "1 + 1")[0].result == 2
 
 

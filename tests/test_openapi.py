@@ -144,7 +144,7 @@ def test_every_operation_requires_the_jupyter_token_and_declares_its_errors():
         for method, operation in item.items():
             assert "security" not in operation, f"{method} {path} overrides the token requirement"
             responses = operation["responses"]
-            assert {"200", "403"} <= set(responses), f"{method} {path}"
+            assert {"200", "401", "403"} <= set(responses), f"{method} {path}"
             if "requestBody" in operation:
                 assert {"400", "413"} <= set(responses), f"{method} {path} takes a body"
             for status, response in responses.items():
@@ -300,7 +300,7 @@ async def test_model_events_stream(jp_fetch, jp_serverapp):
 
 
 ERRORS = [
-    ("get", "/mlx/api/health", None, {"Authorization": "token wrong"}, 403, "forbidden"),
+    ("get", "/mlx/api/health", None, {"Authorization": "token wrong"}, 401, "invalid_api_key"),
     ("post", "/mlx/api/models/load", '{"model": ', {}, 400, "invalid_json"),
     ("post", "/mlx/api/models/load", "[]", {}, 400, "invalid_json"),
     ("post", "/mlx/api/models/load", {"model": TINY, "keep_alive": "soon"}, {}, 400, "invalid_request"),

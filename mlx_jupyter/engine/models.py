@@ -32,6 +32,9 @@ DEFAULT_MODEL = "builtin:pydoc"
 _LIST_HINT = "list the loadable models with GET mlx/api/models/available"
 _ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Longer ids cannot name anything: checked before the filesystem says ENAMETOOLONG.
+_NAME_MAX_BYTES = 255  # one file name, on every common filesystem
+_HF_REPO_ID_MAX = 96  # Hugging Face's own bound on a repo id
 _COMMIT_RE = re.compile(r"^[0-9a-fA-F]+$")
 # mlx-lm's own download patterns: everything it loads and nothing else.
 _DOWNLOAD_PATTERNS = [
@@ -267,8 +270,8 @@ class ModelResolver:
 
 
 def _check_model_id(model_id: str) -> None:
-    """Refuse ids that look like paths, before anything touches the disk."""
-    reason = _path_like_reason(model_id)
+    """Refuse ids that look like paths or are too long to name a folder, before anything touches the disk."""
+    reason = _path_like_reason(model_id) or _length_reason(model_id)
     if reason:
         raise InvalidModelError(f"invalid model id {model_id!r}: {reason}; {_ID_RULES}")
 
@@ -288,6 +291,15 @@ def _path_like_reason(model_id: str) -> str | None:
         return "it has a '.' or '..' path segment"
     if "/" in model_id and not _HF_REPO_RE.match(model_id):
         return "it is not a valid Hugging Face repo id"
+    return None
+
+
+def _length_reason(model_id: str) -> str | None:
+    if "/" in model_id and len(model_id) > _HF_REPO_ID_MAX:
+        return f"it is {len(model_id)} characters long; a Hugging Face repo id has at most {_HF_REPO_ID_MAX}"
+    size = len(model_id.encode("utf-8", "surrogatepass"))
+    if size > _NAME_MAX_BYTES:
+        return f"it is {size} bytes long; a folder name under model_dirs has at most {_NAME_MAX_BYTES}"
     return None
 
 

@@ -13,9 +13,11 @@ from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.engine.reaper import IdleReaper
 from mlx_jupyter.server import handlers, openai
+from mlx_jupyter.server.base import NOT_FOUND_ROUTE
 from mlx_jupyter.server.events import EventHub
 from mlx_jupyter.server.kernel_env import KernelEnv
 from mlx_jupyter.server.metrics import EngineCollector
+from mlx_jupyter.server.pool import RequestPool
 
 
 class MLXExtension(ExtensionApp):
@@ -66,7 +68,8 @@ class MLXExtension(ExtensionApp):
         60.0,
         config=True,
         help="""Seconds a request waits for a model slot while every resident model is
-        busy, before it fails with 503 and a Retry-After header.""",
+        busy, or for a request thread while all ``request_threads`` are busy, before it
+        fails with 503 and a Retry-After header.""",
     )
     first_token_timeout = Float(
         120.0,
@@ -113,7 +116,8 @@ class MLXExtension(ExtensionApp):
         64,
         config=True,
         help="""Threads that run engine calls off the event loop; each running stream
-        holds one, so this bounds concurrent generations.""",
+        holds one, so this bounds concurrent generations. A load, unload or generation
+        that finds them all busy waits ``queue_timeout`` at most, then gets 503.""",
     )
     manager_class = Type(
         WorkerManager,
@@ -143,14 +147,15 @@ class MLXExtension(ExtensionApp):
         )
         self.reaper = IdleReaper(self.manager)
         self.reaper.start()
-        self.executor = ThreadPoolExecutor(self.request_threads, thread_name_prefix="mlx-request")
+        loop = self.serverapp.io_loop.asyncio_loop
+        self.pool = RequestPool(self.request_threads, self.queue_timeout, loop)
         # Status calls get threads of their own so that they never queue behind streams.
         self.status_executor = ThreadPoolExecutor(2, thread_name_prefix="mlx-status")
-        self.events = EventHub(self.manager, self.serverapp.io_loop.asyncio_loop, self.status_executor)
+        self.events = EventHub(self.manager, loop, self.status_executor)
         self.collector = EngineCollector.register(self.manager, self.events.snapshot)
         self.settings.update(
             mlx_manager=self.manager,
-            mlx_executor=self.executor,
+            mlx_pool=self.pool,
             mlx_status_executor=self.status_executor,
             mlx_events=self.events,
             mlx_openapi=handlers.openapi_document(),
@@ -171,7 +176,7 @@ class MLXExtension(ExtensionApp):
         )
 
     def initialize_handlers(self) -> None:
-        self.handlers.extend(handlers.routes() + openai.routes())
+        self.handlers.extend([*handlers.routes(), *openai.routes(), NOT_FOUND_ROUTE])
 
     def current_activity(self) -> bool:
         """A running generation keeps the server alive under ``shutdown_no_activity``.
@@ -192,5 +197,5 @@ class MLXExtension(ExtensionApp):
     def _stop_engine(self) -> None:
         self.reaper.stop()
         self.manager.shutdown()
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown()
         self.status_executor.shutdown(wait=False, cancel_futures=True)

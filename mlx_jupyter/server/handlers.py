@@ -23,10 +23,16 @@ EVENTS_PING_S = 15.0
 
 
 def model_field(body: dict[str, Any]) -> str:
+    """The model a load or unload names."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(400, "'model' must be a model id string: see GET mlx/api/models/available", "invalid_request")
     return model
+
+
+def without_nulls(body: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a request body that have a value: ``null`` means absent, as in OpenAI's API."""
+    return {name: value for name, value in body.items() if value is not None}
 
 
 class StreamingMixin:
@@ -34,7 +40,7 @@ class StreamingMixin:
 
     bridge: ChunkBridge | None = None
 
-    def start_stream(self, request: dict[str, Any]) -> ChunkBridge:
+    async def start_stream(self, request: dict[str, Any]) -> ChunkBridge:
         limits = self.limits  # type: ignore[attr-defined]
         # Only strings count here; validate_request names the field of any other type.
         texts = [request.get("prompt")]
@@ -48,7 +54,12 @@ class StreamingMixin:
             chunks = self.manager.stream_generate(**request)  # type: ignore[attr-defined]
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
-        self.bridge = ChunkBridge(chunks, self.settings["mlx_executor"])  # type: ignore[attr-defined]
+        try:
+            thread = await self.admit()  # type: ignore[attr-defined]
+        except BaseException:
+            chunks.close()  # type: ignore[attr-defined]
+            raise
+        self.bridge = ChunkBridge(chunks, thread)
         return self.bridge
 
     async def first_and_rest(self, bridge: ChunkBridge) -> tuple[GenerationChunk, Any]:
@@ -69,6 +80,8 @@ class StreamingMixin:
                 final = chunk
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
+        if final.finish_reason is None:  # cancelled: the client left, and nothing is answered
+            raise RuntimeError("the answer ended without its final chunk")
         return "".join(texts), final
 
     def begin_sse(self) -> None:
@@ -137,8 +150,8 @@ class LoadHandler(MLXHandler):
     async def post(self) -> None:
         """Load a model (or find it loaded) and answer its status once ready."""
         body = self.json_body()
-        model = model_field(body)
-        status = await self.call(self.manager.load, model, body.get("keep_alive"))
+        self.model = model_field(body)
+        status = await self.call(self.manager.load, self.model, body.get("keep_alive"))
         self.write_json(status.to_dict())
 
 
@@ -149,8 +162,8 @@ class UnloadHandler(MLXHandler):
     @authorized
     async def post(self) -> None:
         """Unload a model once its in-flight requests have drained."""
-        model = model_field(self.json_body())
-        status = await self.call(self.manager.unload, model)
+        self.model = model_field(self.json_body())
+        status = await self.call(self.manager.unload, self.model)
         self.write_json(status.to_dict())
 
 
@@ -161,7 +174,7 @@ class GenerateHandler(StreamingMixin, MLXHandler):
     @authorized
     async def post(self) -> None:
         """Generate from a prompt or messages: JSON, or Server-Sent Events with ``stream``."""
-        body = self.json_body()
+        body = without_nulls(self.json_body())
         unknown = sorted(set(body) - set(GENERATE_FIELDS) - {"stream"})
         if unknown:
             accepted = ", ".join([*GENERATE_FIELDS, "stream"])
@@ -170,8 +183,8 @@ class GenerateHandler(StreamingMixin, MLXHandler):
         if not isinstance(stream, bool):
             raise APIError(400, "'stream' must be true or false", "invalid_request")
         request = {k: body[k] for k in GENERATE_FIELDS if k in body}
-        model = request.get("model") or self.manager.default_model
-        first, rest = await self.first_and_rest(self.start_stream(request))
+        self.model = model = request.get("model") or self.manager.default_model
+        first, rest = await self.first_and_rest(await self.start_stream(request))
         if not stream:
             text, final = await self.collect(first, rest)
             self.record_usage(model, final)
@@ -203,6 +216,7 @@ class GenerateHandler(StreamingMixin, MLXHandler):
 
 class EventsHandler(MLXHandler):
     endpoint = "api/events"
+    endless = True
     _track_activity = False
 
     @web.authenticated

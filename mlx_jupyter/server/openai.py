@@ -12,7 +12,7 @@ from tornado.iostream import StreamClosedError
 
 from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.server.base import APIError, MLXHandler, error_body
-from mlx_jupyter.server.handlers import StreamingMixin
+from mlx_jupyter.server.handlers import StreamingMixin, without_nulls
 
 DEFAULT_MAX_TOKENS = 256
 # OpenAI fields we accept and ignore, because they do not change a local answer.
@@ -50,9 +50,8 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
         request = {
             "model": body.get("model") or None,
             "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-            # OpenAI accepts null for these, meaning its default
-            "temperature": 1.0 if body.get("temperature") is None else body["temperature"],
-            "top_p": 1.0 if body.get("top_p") is None else body["top_p"],
+            "temperature": body.get("temperature", 1.0),
+            "top_p": body.get("top_p", 1.0),
             "seed": body.get("seed"),
             "stop": body.get("stop"),
             "keep_alive": body.get("keep_alive"),
@@ -72,7 +71,7 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
     @authorized
     async def post(self) -> None:
         """An OpenAI completion, whole or streamed as ``data:`` chunks ending in ``[DONE]``."""
-        body = self.json_body()
+        body = without_nulls(self.json_body())
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError(400, "'stream' must be true or false", "invalid_request")
@@ -80,8 +79,8 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", "invalid_request")
         request = self.engine_request(body)
-        model = request["model"] or self.manager.default_model
-        first, rest = await self.first_and_rest(self.start_stream(request))
+        self.model = model = request["model"] or self.manager.default_model
+        first, rest = await self.first_and_rest(await self.start_stream(request))
         head = {"id": f"{'chatcmpl' if self.kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"}
         head |= {"object": self.kind + (".chunk" if stream and self.kind.startswith("chat") else ""), "model": model}
         head["created"] = int(time.time())
