@@ -129,7 +129,7 @@ def mlx_config() -> dict:
         "first_token_timeout": 30,
         "token_timeout": 10,
         "max_tokens_limit": 1000,
-        "max_body_bytes": 64 * 1024,
+        "max_body_bytes": 512 * 1024,  # room for a prompt longer than tiny's 32768-token context
     }
 
 

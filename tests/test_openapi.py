@@ -308,7 +308,7 @@ ERRORS = [
     ("post", "/mlx/api/models/unload", {"model": TINY}, {}, 404, "model_not_found"),
     ("post", "/mlx/api/generate", {"prompt": "Hi", "bogus": 1}, {}, 400, "invalid_request"),
     ("post", "/mlx/api/generate", {"model": "no-such-model", "prompt": "Hi"}, {}, 404, "model_not_found"),
-    ("post", "/mlx/api/generate", {"prompt": "x" * 70_000}, {}, 413, "body_too_large"),
+    ("post", "/mlx/api/generate", {"prompt": "x" * 600_000}, {}, 413, "body_too_large"),
     (
         "post",
         "/mlx/v1/chat/completions",

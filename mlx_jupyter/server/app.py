@@ -82,6 +82,24 @@ class MLXExtension(ExtensionApp):
         config=True,
         help="""Seconds a worker may take between two tokens before it is killed as hung.""",
     )
+    load_timeout = Float(
+        300.0,
+        config=True,
+        help="""Seconds a worker may take to load a model (weights read, model built)
+        before it is killed and the load fails.""",
+    )
+    unload_timeout = Float(
+        60.0,
+        config=True,
+        help="""Seconds an unload waits for the model's running requests to end; then it
+        answers 409 ``unload_pending`` and the model unloads when they end.""",
+    )
+    watchdog_threshold = Float(
+        10.0,
+        config=True,
+        help="""Seconds an engine lock may be waited on or held before every thread's stack
+        is logged and ``mlx/api/health`` turns ``degraded`` (until the stall ends).""",
+    )
     warm_spare = Bool(
         True,
         config=True,
@@ -141,7 +159,11 @@ class MLXExtension(ExtensionApp):
             queue_timeout=self.queue_timeout,
             first_token_timeout=self.first_token_timeout,
             token_timeout=self.token_timeout,
+            load_timeout=self.load_timeout,
+            unload_timeout=self.unload_timeout,
+            watchdog_threshold=self.watchdog_threshold,
             max_tokens_limit=self.max_tokens_limit,
+            max_prompt_chars=self.max_prompt_chars,
             warm_spare=self.warm_spare,
             batch_size=self.batch_size,
         )
@@ -159,11 +181,7 @@ class MLXExtension(ExtensionApp):
             mlx_status_executor=self.status_executor,
             mlx_events=self.events,
             mlx_openapi=handlers.openapi_document(),
-            mlx_limits={
-                "max_tokens": self.max_tokens_limit,
-                "max_prompt_chars": self.max_prompt_chars,
-                "max_body_bytes": self.max_body_bytes,
-            },
+            mlx_limits={"max_body_bytes": self.max_body_bytes},
         )
         self.kernel_env = KernelEnv(self.serverapp)
         self.serverapp.io_loop.add_callback(self.kernel_env.export)

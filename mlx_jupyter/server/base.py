@@ -41,6 +41,8 @@ HTTP_STATUS = {
     "model_unloaded": 503,
     "worker_crashed": 502,
     "worker_timeout": 504,
+    "unload_pending": 409,
+    "cancelled": 499,
 }
 RETRY_AFTER_S = 5
 # Errors after which the same request may succeed once the server has room again.

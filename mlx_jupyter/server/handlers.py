@@ -41,16 +41,7 @@ class StreamingMixin:
     bridge: ChunkBridge | None = None
 
     async def start_stream(self, request: dict[str, Any]) -> ChunkBridge:
-        limits = self.limits  # type: ignore[attr-defined]
-        # Only strings count here; validate_request names the field of any other type.
-        texts = [request.get("prompt")]
-        if isinstance(request.get("messages"), list):
-            texts += [m.get("content") for m in request["messages"] if isinstance(m, dict)]
-        prompt_chars = sum(len(t) for t in texts if isinstance(t, str))
-        if prompt_chars > limits["max_prompt_chars"]:
-            limit = limits["max_prompt_chars"]
-            raise APIError(400, f"prompt is {prompt_chars} characters; the limit is {limit}", "prompt_too_long")
-        try:
+        try:  # the engine checks every field, the prompt's size included, before any work
             chunks = self.manager.stream_generate(**request)  # type: ignore[attr-defined]
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
