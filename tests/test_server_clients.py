@@ -180,3 +180,16 @@ async def test_a_client_that_leaves_is_a_499_and_one_info_line_not_a_server_erro
     assert len(left) == 1, [r.getMessage() for r in left]
     assert left[0].levelno == logging.INFO
     assert model in left[0].getMessage() and endpoint in left[0].getMessage()
+
+
+@pytest.mark.parametrize("mlx_config", [LONG_ANSWERS], indirect=True, ids=["long_answers"])
+async def test_a_client_that_leaves_while_its_answer_has_no_text_yet_is_cancelled_at_once(jp_fetch, raw, manager):
+    # builtin:tiny answers "é" with byte tokens that never complete a character: 30,000
+    # tokens (half a minute here) without one chunk of text until the very end.
+    body = {"prompt": "é", "max_tokens": 30_000, "temperature": 0, "stream": True}
+    client = await raw("mlx/api/generate", body)
+    assert await eventually(lambda: manager.health()["active_requests"] == 1, timeout=60)
+    await client.leave()
+    assert await eventually(lambda: manager.health()["active_requests"] == 0, timeout=10), (
+        "the request kept its model after its client left"
+    )
