@@ -66,8 +66,8 @@ def check() -> None:
     problems = list(dict.fromkeys(p for use in USES if (p := _problem(use)) is not None))
     if problems:
         raise IncompatibleMLXLM(
-            f"mlx-lm {_version('mlx_lm')} (with mlx {_version('mlx.core')}) lacks what the mlx-jupyter worker "
-            f"uses: {'; '.join(problems)}. mlx-jupyter is tested with mlx{MLX_VERSIONS} and "
+            f"mlx-lm {_version('mlx_lm')} and mlx {_version('mlx.core')} lack what the mlx-jupyter worker uses: "
+            f"{'; '.join(problems)}. mlx-jupyter is tested with mlx{MLX_VERSIONS} and "
             f"mlx-lm{MLX_LM_VERSIONS}: pip install 'mlx{MLX_VERSIONS}' 'mlx-lm{MLX_LM_VERSIONS}'"
         )
 
