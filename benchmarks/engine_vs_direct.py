@@ -19,8 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from mlx_jupyter.builtin_models.builder import random_llama_weights
 from mlx_jupyter.engine import WorkerManager
-from mlx_jupyter.engine.models import builtin_model_path, cache_dir, create_atomically, random_llama_weights
+from mlx_jupyter.engine.models import builtin_model_path, cache_dir, create_atomically
 
 PROMPT = "The Zen of Python, by Tim Peters"
 TARGET_RATIO = 0.95

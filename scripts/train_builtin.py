@@ -31,7 +31,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.llama import Model, ModelArgs
 
-from mlx_jupyter.engine.models import EOS, PACKAGED_MODELS, llama_config, train_bpe_tokenizer, write_model_files
+from mlx_jupyter.builtin_models import PACKAGED_MODELS
+from mlx_jupyter.builtin_models.builder import EOS, llama_config, train_bpe_tokenizer, write_model_files
 
 # Every HELD_OUT_EVERY-th topic (sorted by name, starting at HELD_OUT_FIRST) is held out.
 HELD_OUT_EVERY = 16

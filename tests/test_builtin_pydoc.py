@@ -10,8 +10,9 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from mlx_jupyter.builtin_models import PACKAGED_MODELS
 from mlx_jupyter.engine import WorkerManager
-from mlx_jupyter.engine.models import DEFAULT_MODEL, PACKAGED_MODELS
+from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import child_pids, wait_for
 

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from mlx_jupyter.builtin_models import PACKAGED_MODELS, builder
 from mlx_jupyter.engine.errors import (
     InvalidModelError,
     ModelLoadError,
     ModelNotFoundError,
 )
 from mlx_jupyter.engine.models import (
-    PACKAGED_MODELS,
     ModelResolver,
     ModelSpec,
     builtin_model_path,
@@ -113,6 +113,19 @@ def test_builtin_model_is_byte_identical_in_two_fresh_caches(tmp_path: Path, mon
         "tokenizer_config.json",
     }
     assert sum(len(b) for b in one.values()) < 1_000_000
+
+
+def test_a_builtin_model_whose_recipe_cannot_run_is_a_load_error_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_text() -> str:
+        raise RuntimeError("cannot build builtin:tiny: the stdlib module 'this' is missing")
+
+    monkeypatch.setattr(builder, "_zen_of_python", no_text)
+
+    with pytest.raises(ModelLoadError, match="cannot build builtin:tiny: the stdlib module 'this' is missing"):
+        builtin_model_path("tiny")
+    assert list((cache_dir() / "builtin").iterdir()) == []
 
 
 def test_concurrent_builtin_creation_yields_one_complete_copy() -> None:

@@ -24,7 +24,7 @@ from mlx_jupyter.engine.errors import InvalidRequestError, WorkerCrashedError
 from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.params import validate_request
 from mlx_jupyter.engine.worker import WorkerProcess
-from mlx_jupyter.engine.worker_main import Worker
+from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
 from tests.helpers import wait_for
 
@@ -339,13 +339,13 @@ class _Collect:
 
 
 def test_cancels_for_requests_the_worker_does_not_have_are_not_kept():
-    worker = Worker(-1, _Collect())  # the reader's side only: no pipe, no model
+    commands = Commands(-1, _Collect())  # the reader's side only: no pipe, no model
     for i in range(10_000):
-        worker.command({"op": p.OP_CANCEL, "request_id": f"gone-{i}"})
-    assert len(worker.cancelled) == 0
-    worker.command({"op": p.OP_GENERATE, "request_id": "queued", "prompt": "x", "max_tokens": 5})
-    worker.command({"op": p.OP_CANCEL, "request_id": "queued"})
-    assert worker.cancelled == {"queued"}
+        commands.command({"op": p.OP_CANCEL, "request_id": f"gone-{i}"})
+    assert len(commands.cancelled) == 0
+    commands.command({"op": p.OP_GENERATE, "request_id": "queued", "prompt": "x", "max_tokens": 5})
+    commands.command({"op": p.OP_CANCEL, "request_id": "queued"})
+    assert commands.cancelled == {"queued"}
 
 
 def test_a_cancel_right_behind_its_generate_still_cancels_it(spawn_worker):

@@ -1,0 +1,289 @@
+"""The worker's main thread: loads its model and decodes requests, batched or alone."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import deque
+from typing import Any
+
+from mlx_jupyter.engine import mlx_lm_adapter as lm
+from mlx_jupyter.engine import protocol as p
+from mlx_jupyter.engine.load_bound import bounded_memory
+from mlx_jupyter.engine.stop_strings import StopMatcher
+from mlx_jupyter.engine.worker_channel import Commands
+
+log = logging.getLogger("mlx_jupyter.worker")
+
+
+class _Stream:
+    """One generation the worker has taken on: its text-side state and its clock."""
+
+    def __init__(self, rid: str, tokens: list[int], max_tokens: int, stop: list[str], detokenizer: Any) -> None:
+        self.rid = rid
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.stopper = StopMatcher(stop)
+        self.detokenizer = detokenizer
+        self.start = time.perf_counter()
+        self.first_at: float | None = None
+        self.generated = 0
+
+
+def _batchable(msg: dict[str, Any]) -> bool:
+    """Greedy or unseeded requests share the batch; a seeded sampled one runs alone.
+
+    Sampling draws from MLX's one global random state, which every sequence in a batch
+    shares, so only a request with the whole worker to itself can honour its seed.
+    """
+    return msg.get("seed") is None or float(msg.get("temperature", 0.0)) == 0.0
+
+
+class Decoder:
+    """Serves one model on the main thread, the only one that runs MLX.
+
+    Concurrent generations share one ``lm.Batch`` of ``batch_size`` rows: each loop turn
+    takes every queued message, admits waiting requests in arrival order while a row is
+    free, then decodes one step for the whole batch, so requests join and leave between
+    steps. A request beyond the batch waits queued, and is sent ``started`` only when it
+    gets a row. A request that cannot share the batch (see ``_batchable``) waits until the
+    batch drains and then runs alone; requests behind it wait too, so service stays first
+    come, first served. ``commands`` is the reader thread's side (see ``Commands``).
+    """
+
+    def __init__(self, commands: Commands) -> None:
+        self.commands = commands
+        self.out = commands.out
+        self.batch_size = p.BATCH_SIZE
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self.context_length: int | None = None
+        self.batch: lm.Batch | None = None  # once a model that supports batching is loaded
+        self.waiting: deque[dict[str, Any]] = deque()
+        self.running: dict[int, _Stream] = {}  # batch uid -> stream
+        self._samplers: dict[tuple[float, float], Any] = {}
+
+    def serve(self) -> None:
+        inbox = self.commands.inbox
+        while True:
+            idle = not self.running and not self.waiting
+            try:
+                msg = inbox.get() if idle else inbox.get_nowait()
+                while True:
+                    if msg is None:
+                        return
+                    self.handle(msg)
+                    msg = inbox.get_nowait()
+            except queue.Empty:
+                pass
+            self.commands.drop_stale()
+            self.admit()
+            if self.running:
+                self.step()
+
+    def handle(self, msg: dict[str, Any]) -> None:
+        rid = msg["request_id"]
+        if msg["op"] == p.OP_GENERATE:
+            self.waiting.append(msg)
+            return
+        try:
+            self.load(rid, msg)
+        except Exception as exc:  # one bad request must not take the worker down
+            log.exception("request %s failed", rid)
+            self.commands.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def load(self, rid: str, msg: dict[str, Any]) -> None:
+        self.batch_size = max(1, int(msg.get("batch_size") or p.BATCH_SIZE))
+        memory_limit = int(msg.get("memory_limit") or 0)
+        start = time.perf_counter()
+        try:
+            with bounded_memory(memory_limit) as headroom:
+                self.model, self.tokenizer, config = lm.load(msg["path"])
+        except MemoryError:
+            self.commands.error(
+                rid,
+                "model_load_failed",
+                f"model {msg.get('model')!r} ran out of memory while loading: memory_limit is {memory_limit} "
+                f"bytes, and a load may use that plus {headroom} bytes for its tokenizer and threads. Check the "
+                "model's config.json (a size such as num_hidden_layers may be far too large), or raise "
+                "memory_limit (0 = no limit)",
+            )
+            return
+        except Exception as exc:
+            self.commands.error(rid, "model_load_failed", f"{type(exc).__name__}: {exc}")
+            return
+        self.context_length = config.get("max_position_embeddings") or None
+        if lm.can_batch(self.model):
+            self.batch = lm.Batch(self.model, self.tokenizer, self.batch_size)
+        self.out.send(
+            {
+                "type": p.T_LOADED,
+                "request_id": rid,
+                "memory_bytes": lm.active_memory(),
+                "context_length": self.context_length,
+                "load_s": time.perf_counter() - start,
+                "batching": self.batch is not None,
+            }
+        )
+
+    # -- admission --------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Start waiting requests in order while they get a free row (or run alone on an empty batch)."""
+        cancelled = self.commands.cancelled
+        if cancelled and self.waiting:  # a queued request whose client left ends now, rowless
+            keep = deque()
+            for msg in self.waiting:
+                if msg["request_id"] in cancelled:
+                    self.commands.error(msg["request_id"], "cancelled", "the request was cancelled before it started")
+                else:
+                    keep.append(msg)
+            self.waiting = keep
+        while self.waiting:
+            msg = self.waiting[0]
+            rid = msg["request_id"]
+            solo = self.batch is None or not _batchable(msg)
+            if self.running and (solo or len(self.running) >= self.batch_size):
+                return  # wait for rows to free up; later requests keep their place behind this one
+            self.waiting.popleft()
+            try:
+                self.start(rid, msg, solo)
+            except Exception as exc:
+                log.exception("request %s failed", rid)
+                self.commands.error(rid, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def start(self, rid: str, msg: dict[str, Any], solo: bool) -> None:
+        if self.model is None:
+            self.commands.error(rid, "invalid_request", "no model is loaded in this worker")
+            return
+        if rid in self.commands.cancelled:  # the client left while a request ahead of it ran alone
+            self.commands.error(rid, "cancelled", "the request was cancelled before it started")
+            return
+        self.out.send({"type": p.T_STARTED, "request_id": rid})
+        stream = _Stream(
+            rid,
+            self._prompt_tokens(msg),
+            int(msg["max_tokens"]),
+            list(msg.get("stop") or []),
+            lm.detokenizer(self.tokenizer),
+        )
+        if not stream.tokens:
+            self.commands.error(rid, "invalid_request", "the prompt is empty")
+            return
+        if self.context_length and len(stream.tokens) > self.context_length:
+            self.commands.error(
+                rid,
+                "context_length_exceeded",
+                f"the prompt is {len(stream.tokens)} tokens; this model's context is {self.context_length} tokens",
+            )
+            return
+        sampler = self._sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)))
+        if solo:
+            self.generate_alone(stream, sampler, msg.get("seed"))
+            return
+        assert self.batch is not None
+        self.running[self.batch.add(stream.tokens, stream.max_tokens, sampler)] = stream
+
+    def _sampler(self, temperature: float, top_p: float) -> Any:
+        # Requests with equal parameters share one sampler object, which lets the batch
+        # sample all of them in one call instead of row by row.
+        key = (temperature, top_p)
+        if key not in self._samplers:
+            self._samplers[key] = lm.sampler(temperature, top_p)
+        return self._samplers[key]
+
+    def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
+        if msg.get("messages") is not None:
+            return lm.encode_chat(self.tokenizer, msg["messages"])
+        return lm.encode_prompt(self.tokenizer, msg["prompt"])
+
+    # -- batched decoding -------------------------------------------------------
+
+    def step(self) -> None:
+        """Decode one step for the whole batch, then send each request its token."""
+        assert self.batch is not None
+        cancelled = [uid for uid, s in self.running.items() if s.rid in self.commands.cancelled]
+        if cancelled:
+            self.batch.remove(cancelled)
+            for uid in cancelled:
+                self.finish(self.running.pop(uid), "cancelled")
+        if not self.running:
+            return
+        try:
+            responses = self.batch.step()
+        except Exception as exc:  # the batch's state is unknown now: fail its requests, start afresh
+            log.exception("batch step failed")
+            self.batch = lm.Batch(self.model, self.tokenizer, self.batch_size)
+            for stream in self.running.values():
+                self.commands.error(stream.rid, "internal_error", f"{type(exc).__name__}: {exc}")
+            self.running.clear()
+            return
+        for r in responses:
+            stream = self.running[r.uid]
+            stream.generated += 1
+            if stream.first_at is None:
+                stream.first_at = time.perf_counter()
+            if r.finish_reason != "stop":  # an end-of-sequence token adds no text
+                stream.detokenizer.add_token(r.token)
+            if r.finish_reason is not None:
+                stream.detokenizer.finalize()
+            text, stopped = stream.stopper.feed(stream.detokenizer.last_segment)
+            # One frame per token even when its text is held back (a partial UTF-8
+            # character, a possible stop string): the parent's deadlines count tokens.
+            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
+            if stopped:
+                self.batch.remove([r.uid])
+                self.finish(self.running.pop(r.uid), "stop")
+            elif r.finish_reason is not None:
+                if tail := stream.stopper.flush():
+                    self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
+                self.finish(self.running.pop(r.uid), r.finish_reason)
+
+    def finish(self, stream: _Stream, reason: str) -> None:
+        now = time.perf_counter()
+        ttft = None if stream.first_at is None else stream.first_at - stream.start
+        decode_s = None if stream.first_at is None else now - stream.first_at
+        self.commands.end(stream.rid)
+        self.out.send(
+            {
+                "type": p.T_DONE,
+                "request_id": stream.rid,
+                "finish_reason": reason,
+                "usage": {
+                    "prompt_tokens": len(stream.tokens),
+                    "completion_tokens": stream.generated,
+                    "total_tokens": len(stream.tokens) + stream.generated,
+                },
+                "timings": {
+                    "ttft_s": ttft,
+                    "prompt_tps": len(stream.tokens) / ttft if ttft else None,
+                    "generation_tps": (stream.generated - 1) / decode_s if decode_s and stream.generated > 1 else None,
+                    "peak_memory_bytes": lm.peak_memory(),
+                },
+            }
+        )
+
+    # -- one at a time ----------------------------------------------------------
+
+    def generate_alone(self, stream: _Stream, sampler: Any, seed: Any) -> None:
+        finish, last = "length", None
+        for last in lm.generate_alone(
+            self.model, self.tokenizer, stream.tokens, stream.max_tokens, sampler, None if seed is None else int(seed)
+        ):
+            if stream.rid in self.commands.cancelled:
+                finish = "cancelled"
+                break
+            stream.generated = last.generation_tokens
+            if stream.first_at is None:
+                stream.first_at = time.perf_counter()
+            text, stopped = stream.stopper.feed(last.text)
+            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
+            if stopped:
+                finish = "stop"
+                break
+            finish = last.finish_reason or finish
+        else:
+            if tail := stream.stopper.flush():
+                self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
+        self.finish(stream, finish)
