@@ -140,3 +140,15 @@ class EngineSettings(Configurable):
 def setting_names() -> list[str]:
     """Every engine setting's name, in declaration order."""
     return [name for name, value in vars(EngineSettings).items() if isinstance(value, TraitType)]
+
+
+def settings_table() -> str:
+    """The README's table of engine settings, made from the traits: name, default, first sentence of help."""
+    defaults = EngineSettings().trait_defaults(*setting_names())
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    for name in setting_names():
+        default = defaults[name]
+        shown = f"{default:g}" if isinstance(default, float) else f"`{default}`" if isinstance(default, (str, list)) else default
+        help_text = " ".join(getattr(EngineSettings, name).help.split()).replace("``", "`")
+        rows.append(f"| `{name}` | {shown} | {help_text.split('. ')[0].rstrip('.')} |")
+    return "\n".join(rows) + "\n"
