@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from mlx_jupyter.engine import IdleReaper, WorkerManager
+from mlx_jupyter.engine import WorkerManager
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 
 
@@ -43,8 +43,6 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     with WorkerManager(idle_timeout=args.idle_timeout, model_dirs=args.model_dir) as manager:
-        reaper = IdleReaper(manager)
-        reaper.start()
         status = manager.load(args.model)
         print(f"loaded {status.id} in worker pid {status.pid} ({status.memory_bytes / 1e6:.1f} MB)")
         print(f"\n{args.prompt}", end="", flush=True)
@@ -58,7 +56,6 @@ def main(argv: list[str] | None = None) -> None:
             f"first token after {1000 * (t.get('ttft_s') or 0):.0f} ms, finish: {chunk.finish_reason}\n"
         )
         _countdown(manager)
-        reaper.stop()
 
 
 if __name__ == "__main__":

@@ -14,21 +14,21 @@ class BeforeFixManager(WorkerManager):
 
     def unload_model_if_idle(self, between: Callable[[], object]) -> None:
         """The report's idle monitor: activity_lock, then state lock (the right order)."""
-        with self._activity_lock:
+        with self._registry.activity_lock:
             between()
-            with self._state_lock:
+            with self._registry.state_lock:
                 pass
 
     def generate_before_fix(self, between: Callable[[], object]) -> None:
         """The report's "before" generate: state lock to find the worker, then activity_lock."""
-        with self._state_lock:
+        with self._registry.state_lock:
             between()
-            with self._activity_lock:
+            with self._registry.activity_lock:
                 pass
 
     def load_model_original(self) -> None:
         """The published fix's load_model, which still nests state lock -> activity_lock."""
-        with self._state_lock, self._activity_lock:
+        with self._registry.state_lock, self._registry.activity_lock:
             pass
 
 

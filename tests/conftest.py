@@ -19,7 +19,6 @@ from traitlets.config import Config
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.reaper import IdleReaper
 from tests.helpers import child_pids, wait_for
 
 # The whole suite, child processes included, runs the checker in validate mode, and
@@ -77,14 +76,15 @@ def make_manager():
     """Build WorkerManagers with short test deadlines; shut down and check for orphans after."""
     made: list[WorkerManager] = []
 
-    def make(**kwargs) -> WorkerManager:
+    def make(cls: type[WorkerManager] = WorkerManager, **kwargs) -> WorkerManager:
         # The built-in default is builtin:pydoc; tests that need no real text use the faster tiny model.
         kwargs.setdefault("default_model", "builtin:tiny")
         kwargs.setdefault("idle_timeout", 0)
         kwargs.setdefault("queue_timeout", 30)
         kwargs.setdefault("first_token_timeout", 30)
         kwargs.setdefault("token_timeout", 10)
-        manager = WorkerManager(**kwargs)
+        kwargs.setdefault("max_tokens_limit", 32768)  # tiny's whole context: room for streams tests hold open
+        manager = cls(**kwargs)
         made.append(manager)
         return manager
 
@@ -101,22 +101,6 @@ def model_dir(tmp_path_factory) -> Path:
     for name in ("tiny-a", "tiny-b"):
         shutil.copytree(builtin_model_path("tiny"), root / name)
     return root
-
-
-@pytest.fixture
-def reaper_for():
-    """Start an IdleReaper for a manager; reapers stop before the managers shut down."""
-    started = []
-
-    def start(manager):
-        reaper = IdleReaper(manager)
-        reaper.start()
-        started.append(reaper)
-        return reaper
-
-    yield start
-    for reaper in started:
-        reaper.stop()
 
 
 @pytest.fixture

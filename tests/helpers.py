@@ -70,3 +70,49 @@ class Latch:
             return False
         self._lock.release()
         return True
+
+
+class SpawnSpy:
+    """An injected ``spawn`` for WorkerManager: starts real workers, records the model of each
+    start (the warm spare's too, as ``SPARE_ID``), and runs a test's ``before(model_id)`` and
+    ``after(model_id, worker)`` around it (to hold a load at that moment, or count it)."""
+
+    def __init__(self, before=None, after=None) -> None:
+        self.started: list[str] = []
+        self.before = before
+        self.after = after
+
+    def __call__(self, model_id, on_exit, timeout):
+        from mlx_jupyter.engine.lifecycle import spawn_worker
+
+        self.started.append(model_id)
+        if self.before is not None:
+            self.before(model_id)
+        worker = spawn_worker(model_id, on_exit, timeout)
+        if self.after is not None:
+            self.after(model_id, worker)
+        return worker
+
+    @property
+    def models(self) -> list[str]:
+        """The models started, the warm spare's starts left out."""
+        from mlx_jupyter.engine.spare import SPARE_ID
+
+        return [m for m in self.started if m != SPARE_ID]
+
+
+def commit_seam():
+    """A WorkerManager class whose instances run ``before_commit(model)`` right before each idle
+    unload commits (in the reaper's thread, with no lock held): the moment a request may
+    lease the model, or the unload may fail."""
+    from mlx_jupyter.engine.manager import WorkerManager
+
+    class CommitSeam(WorkerManager):
+        def before_commit(self, model: str) -> None:
+            pass
+
+        def _commit_reap(self, record, now):
+            self.before_commit(record.spec.id)
+            return super()._commit_reap(record, now)
+
+    return CommitSeam

@@ -10,7 +10,7 @@ import pytest
 
 from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.params import validate_request
+from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.types import GenerationResult
 from mlx_jupyter.engine.worker import WorkerProcess
 
@@ -103,7 +103,7 @@ def worker():
 
 def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
     frames = worker.open(rid)
-    worker.send({"op": p.OP_GENERATE, "request_id": rid, **validate_request(**kwargs).worker_message()})
+    worker.send({"op": p.OP_GENERATE, "request_id": rid, **GenerationRequest.parse(kwargs, Limits(max_tokens=32768)).worker_message()})
     return frames
 
 

@@ -17,20 +17,17 @@ from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.errors import AllModelsBusyError, ModelNotFoundError
 from mlx_jupyter.engine.locks import LOCK_RANKS, LockOrderViolation
 from tests.abba import BeforeFixManager, run_interleaving
-from tests.helpers import child_pids, wait_for
+from tests.helpers import SpawnSpy, child_pids, commit_seam, wait_for
 
 # Errors a request may get under load by design; anything else fails the stress tests.
 DOCUMENTED = (AllModelsBusyError, ModelNotFoundError)
 
 
-def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager, model_dir, reaper_for):
-    manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=2)
-    manager.load("tiny-a", keep_alive=3600)
-    reaper_for(manager)
+def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager, model_dir):
     loader_spawned, reaper_committing = threading.Event(), threading.Event()
     met = []
 
-    def after_spawn(model):
+    def after_spawn(model, worker):
         if model == "tiny-b":
             loader_spawned.set()
             met.append(("loader", reaper_committing.wait(20)))
@@ -39,8 +36,15 @@ def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager,
         reaper_committing.set()
         met.append(("reaper", loader_spawned.wait(20)))
 
-    manager.hooks["load.after_spawn"] = after_spawn
-    manager.hooks["reaper.before_commit"] = before_commit
+    manager = make_manager(
+        commit_seam(),
+        model_dirs=[str(model_dir)],
+        max_loaded_models=2,
+        warm_spare=False,
+        spawn=SpawnSpy(after=after_spawn),
+    )
+    manager.load("tiny-a", keep_alive=3600)
+    manager.before_commit = before_commit
     results = []
     loader = threading.Thread(target=lambda: results.append(manager.generate("x", model="tiny-b", max_tokens=2)))
     loader.start()
@@ -89,10 +93,9 @@ def test_case_2_ten_concurrent_requests_complete_and_log_acquisitions_in_rank_or
     assert not locks.violations()
 
 
-def test_case_3_rapid_switching_under_load_with_one_slot_and_a_tiny_idle_timeout(make_manager, model_dir, reaper_for):
+def test_case_3_rapid_switching_under_load_with_one_slot_and_a_tiny_idle_timeout(make_manager, model_dir):
     seconds = float(os.environ.get("MLX_JUPYTER_STRESS_SECONDS", "10"))
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=1, idle_timeout=0.05, queue_timeout=60)
-    reaper_for(manager)
     deadline = time.monotonic() + seconds
     served = {"tiny-a": 0, "tiny-b": 0}
     documented, unexpected = [], []
@@ -174,21 +177,32 @@ def test_case_4_with_the_checker_off_the_same_interleaving_really_deadlocks():
         assert "engine/locks.py" in innermost, f"not blocked on a RankedLock: {stack}"
 
 
-def test_case_5_seeded_delay_injection_sweep_finds_no_violation(make_manager, model_dir, reaper_for):
+def test_case_5_seeded_delay_injection_sweep_finds_no_violation(make_manager, model_dir):
     seeds = int(os.environ.get("MLX_JUPYTER_SWEEP_SEEDS", "8"))
-    manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=2, idle_timeout=0.2, queue_timeout=60)
-    reaper_for(manager)
+    picks: list[random.Random] = []  # this seed's generator, shared by every thread
+
+    def delay(*_ctx) -> None:
+        # ~half the seams sleep a little: shifts every interleaving the seed picks
+        if picks and picks[-1].random() < 0.5:
+            time.sleep(picks[-1].uniform(0, 0.02))
+
+    def clock() -> float:  # read at each lease decision, each reaper pass and commit: no lock held
+        delay()
+        return time.monotonic()
+
+    manager = make_manager(
+        commit_seam(),
+        model_dirs=[str(model_dir)],
+        max_loaded_models=2,
+        idle_timeout=0.2,
+        queue_timeout=60,
+        spawn=SpawnSpy(before=delay, after=delay),
+        clock=clock,
+    )
+    manager.before_commit = delay
     unexpected = []
     for seed in range(seeds):
-        rng = random.Random(seed)
-
-        def delay(rng: random.Random = rng, **_ctx) -> None:
-            # ~half the hook points sleep a little: shifts every interleaving the seed picks
-            if rng.random() < 0.5:
-                time.sleep(rng.uniform(0, 0.02))
-
-        for point in ("lease.lookup", "load.before_spawn", "load.after_spawn", "reaper.before_commit"):
-            manager.hooks[point] = delay
+        picks.append(random.Random(seed))
 
         def client(i: int, seed: int = seed) -> None:
             crng = random.Random(seed * 100 + i)

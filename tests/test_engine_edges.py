@@ -19,10 +19,10 @@ from mlx_jupyter.engine.errors import (
     UnloadPendingError,
     WorkerTimeoutError,
 )
-from mlx_jupyter.engine.manager import spawn_worker
-from mlx_jupyter.engine.params import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from mlx_jupyter.engine.lifecycle import spawn_worker
+from mlx_jupyter.engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from mlx_jupyter.server.streaming import ChunkBridge
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import SpawnSpy, commit_seam, pid_alive, wait_for
 
 TINY = "builtin:tiny"
 LONG = 30_000  # max_tokens of a stream that must still be running when the test acts
@@ -45,22 +45,21 @@ def consume(stream, out: list) -> threading.Thread:
 # -- keep-alive and the reaper ---------------------------------------------------------
 
 
-def test_huge_keep_alives_mean_never_and_the_reaper_keeps_unloading_the_others(make_manager, reaper_for, model_dir):
+def test_huge_keep_alives_mean_never_and_the_reaper_keeps_unloading_the_others(make_manager, model_dir):
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=3)
-    reaper = reaper_for(manager)
     manager.load("tiny-a", keep_alive="99999999h")
     manager.generate("x", model="tiny-b", max_tokens=1, keep_alive=1e10)
     manager.load(TINY, keep_alive=0.2)
     assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-a", "tiny-b"], timeout=10), (
         "the reaper stopped unloading idle models"
     )
-    assert reaper._thread.is_alive()
+    assert manager.health()["degraded_reason"] is None, "the reaper died"
     for status in manager.status():
         assert status.keep_alive_s == -1 and status.expires_at is None
     assert manager.health()["status"] == "ok"
 
 
-def test_a_failing_reaper_pass_is_logged_and_retried(make_manager, reaper_for, monkeypatch, caplog):
+def test_a_failing_reaper_pass_is_logged_and_retried(make_manager, monkeypatch, caplog):
     manager = make_manager()
     real = manager.next_expiry
     failures = []
@@ -73,27 +72,26 @@ def test_a_failing_reaper_pass_is_logged_and_retried(make_manager, reaper_for, m
 
     monkeypatch.setattr(manager, "next_expiry", fail_once)
     with caplog.at_level(logging.ERROR, logger="mlx_jupyter.engine.reaper"):
-        reaper_for(manager)
-        assert wait_for(lambda: failures, timeout=5)
-        manager.load(TINY, keep_alive=0.2)
+        manager.load(TINY, keep_alive=0.2)  # wakes the reaper, whose pass fails once
+        assert wait_for(lambda: failures, timeout=10)
         assert wait_for(lambda: manager.status() == [], timeout=10)
     assert "idle reaper pass failed" in caplog.text
+    assert manager.health()["status"] == "ok"
 
 
 class Fatal(BaseException):
     """Not an Exception: nothing in a reaper pass catches it."""
 
 
-def test_a_dead_reaper_turns_health_degraded(make_manager, reaper_for):
-    manager = make_manager()
-    reaper = reaper_for(manager)
+def test_a_dead_reaper_turns_health_degraded(make_manager):
+    manager = make_manager(commit_seam())
 
     def die(model):
         raise Fatal("injected")
 
-    manager.hooks["reaper.before_commit"] = die
+    manager.before_commit = die
     manager.load(TINY, keep_alive=0)
-    assert wait_for(lambda: not reaper._thread.is_alive(), timeout=10)
+    assert wait_for(lambda: manager.degraded, timeout=10)
     health = manager.health()
     assert health["status"] == "degraded" and "idle reaper died" in health["degraded_reason"]
 
@@ -114,12 +112,11 @@ def test_keep_alive_0_loads_once_even_when_the_reaper_runs_the_moment_the_model_
     assert wait_for(lambda: manager.status() == [], timeout=10), "keep_alive=0 unloads right after the request"
 
 
-def test_a_new_idle_timeout_applies_to_models_already_idle(make_manager, reaper_for):
+def test_a_new_idle_timeout_applies_to_models_already_idle(make_manager):
     manager = make_manager(idle_timeout=3600)
-    reaper_for(manager)
     status = manager.load(TINY)
     assert status.expires_at > time.time() + 3000
-    manager.idle_timeout = 0.2
+    manager.settings.idle_timeout = 0.2  # as %config MLXMagics.idle_timeout does to a kernel's engine
     assert wait_for(lambda: manager.status() == [], timeout=10), "the old deadline was kept"
 
 
@@ -136,33 +133,31 @@ def test_idle_deadlines_do_not_move_with_the_wall_clock(make_manager, monkeypatc
 
 
 def test_cancel_withdraws_a_queued_request_and_evicts_nothing_for_it(make_manager, model_dir):
-    manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=1, queue_timeout=60)
+    spawn = SpawnSpy()
+    manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=1, warm_spare=False, spawn=spawn)
     busy = manager.stream_generate("x", model="tiny-a", max_tokens=LONG)
     next(busy)
-    spawns = []
-    manager.hooks["load.before_spawn"] = spawns.append
     queued, out = manager.stream_generate("x", model="tiny-b", max_tokens=4), []
     consumer = consume(queued, out)
-    assert wait_for(lambda: len(manager._waiters) == 1, timeout=10)
+    assert wait_for(lambda: manager.health()["active_requests"] == 1 and len(manager._registry.waiters) == 1)
     queued.cancel()
     consumer.join(10)
     assert not consumer.is_alive(), "the queued request did not notice its cancel"
     assert out[-1].finish_reason == "cancelled" and out[-1].usage["completion_tokens"] == 0
-    assert manager._waiters == []
+    assert manager._registry.waiters == []
     busy.close()
     assert [s.id for s in manager.status()] == ["tiny-a"], "a model was evicted for a cancelled request"
-    assert spawns == []
+    assert spawn.models == ["tiny-a"]
 
 
 def test_cancel_during_the_load_lets_the_load_finish_and_starts_no_generation(make_manager):
-    manager = make_manager()
     spawned, go_on = threading.Event(), threading.Event()
 
-    def hold_the_load(model):
+    def hold_the_load(model, worker):
         spawned.set()
         assert go_on.wait(30)
 
-    manager.hooks["load.after_spawn"] = hold_the_load
+    manager = make_manager(warm_spare=False, spawn=SpawnSpy(after=hold_the_load))
     stream, out = manager.stream_generate("x", model=TINY, max_tokens=LONG), []
     consumer = consume(stream, out)
     assert spawned.wait(30)
@@ -240,9 +235,9 @@ def test_a_stream_dropped_in_a_reference_cycle_is_released_without_taking_a_lock
     del stream, cycle
     gc.disable()  # collected below, under the locks, and not at a random moment before
     try:
-        with manager._activity_lock, manager._state_lock:
+        with manager._registry.activity_lock, manager._registry.state_lock:
             gc.collect()  # the stream's finalizer runs here, in a thread that holds both locks
-            assert manager._models[TINY].leases == 1, "the finalizer released the lease itself"
+            assert manager._registry.models[TINY].leases == 1, "the finalizer released the lease itself"
     finally:
         gc.enable()
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=10), "nobody released the lease"
@@ -354,7 +349,7 @@ def test_the_stop_list_is_bounded(make_manager, stop, match):
 
 
 def test_max_tokens_beyond_the_models_context_is_refused_naming_both(make_manager):
-    manager = make_manager()
+    manager = make_manager(max_tokens_limit=50_000)
     expected = r"max_tokens is 40000 but model 'builtin:tiny' has a context of 32768"
     with pytest.raises(InvalidRequestError, match=expected):
         manager.generate("x", model=TINY, max_tokens=40_000)

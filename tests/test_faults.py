@@ -23,7 +23,7 @@ from mlx_jupyter.engine.errors import (
     WorkerTimeoutError,
 )
 from mlx_jupyter.engine.models import builtin_model_path
-from tests.helpers import child_pids, pid_alive, wait_for
+from tests.helpers import SpawnSpy, child_pids, pid_alive, wait_for
 
 TINY = "builtin:tiny"
 
@@ -72,9 +72,8 @@ def test_corrupt_weights_fail_the_load_with_the_loaders_reason_and_leave_no_star
 
 
 def test_waiters_on_a_failing_load_share_its_error_instead_of_loading_again(make_manager, broken_models):
-    manager = make_manager(model_dirs=[str(broken_models)])
-    spawns, errors = [], []
-    manager.hooks["load.before_spawn"] = lambda model: spawns.append(model)
+    spawn, errors = SpawnSpy(), []
+    manager = make_manager(model_dirs=[str(broken_models)], warm_spare=False, spawn=spawn)
 
     def load():
         try:
@@ -88,7 +87,7 @@ def test_waiters_on_a_failing_load_share_its_error_instead_of_loading_again(make
     for t in threads:
         t.join(60)
     assert len(errors) == 3
-    assert spawns == ["corrupt"]
+    assert spawn.models == ["corrupt"]
 
 
 @pytest.mark.parametrize(
@@ -107,13 +106,12 @@ def test_waiters_on_a_failing_load_share_its_error_instead_of_loading_again(make
     ],
 )
 def test_absurd_parameters_are_refused_before_any_work_starts(make_manager, kwargs, match):
-    manager = make_manager()
-    spawns = []
-    manager.hooks["load.before_spawn"] = lambda model: spawns.append(model)
+    spawn = SpawnSpy()
+    manager = make_manager(warm_spare=False, spawn=spawn)
     with pytest.raises(InvalidRequestError, match=match) as info:
         manager.stream_generate("a prompt", model=TINY, **kwargs)
     assert isinstance(info.value, ValueError)
-    assert spawns == [] and manager.status() == []
+    assert spawn.started == [] and manager.status() == []
 
 
 @pytest.mark.parametrize(
@@ -190,7 +188,7 @@ def test_a_worker_hung_before_its_first_token_hits_the_first_token_deadline(make
     assert manager.generate("x", model=TINY, max_tokens=2).finish_reason == "length"
 
 
-def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_manager, reaper_for):
+def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_manager):
     # If the cancel did not reach the worker it would go on for 100k tokens and the
     # next request on the same worker would miss its first-token deadline.
     manager = make_manager(first_token_timeout=5.0, idle_timeout=0)
@@ -201,7 +199,6 @@ def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_mana
     assert status.active_requests == 0
     result = manager.generate("x", model=TINY, max_tokens=2, keep_alive=0.5)
     assert result.finish_reason == "length" and manager.status()[0].pid == status.pid
-    reaper_for(manager)
     assert wait_for(lambda: manager.status() == [], timeout=5), "the reaper could not unload after the cancel"
 
 
@@ -238,7 +235,7 @@ def test_shutdown_with_requests_in_flight_fails_them_clearly_and_leaves_no_proce
         from tests.helpers import child_pids
 
         warnings.simplefilter("always")
-        manager = WorkerManager(idle_timeout=0, default_model="builtin:tiny")
+        manager = WorkerManager(idle_timeout=0, default_model="builtin:tiny", max_tokens_limit=30_000)
         outcome = []
 
         def ask():

@@ -384,7 +384,7 @@ def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_
             "pid = get_client().load('builtin:tiny')['pid']"
         )
         assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
-        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 30000\nHello")
+        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 8000\nHello")
         while True:  # the first streamed display proves the generation is running
             msg = kc.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":

@@ -218,7 +218,7 @@ def test_config_traits_reach_the_running_local_engine(shell):
     shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
     manager = engine().manager
-    assert manager.max_loaded_models == 3 and manager.default_model == "tiny-a"
+    assert manager.settings.max_loaded_models == 3 and manager.default_model == "tiny-a"
     shell.run_line_magic("config", "MLXMagics.default_model = ''")  # back to the engine's own default
     assert manager.default_model == DEFAULT_MODEL
 
@@ -250,7 +250,7 @@ def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell)
             _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 30000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
     partial = shell.user_ns["_mlx"]
@@ -270,7 +270,7 @@ def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 30000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
     assert isinstance(result.error_in_exec, ClientError), result.error_in_exec
     assert "SIGKILL" in str(result.error_in_exec) and "fresh worker" in str(result.error_in_exec)
     assert "Traceback" not in out.stdout and len(out.stdout.strip().splitlines()) == 1

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
-from tests.helpers import Latch, pid_alive, wait_for
+from tests.helpers import Latch, SpawnSpy, pid_alive, wait_for
 
 TINY = "builtin:tiny"
 
@@ -53,9 +53,8 @@ def test_stop_strings_end_the_answer_before_the_stop_text(make_manager):
 
 
 def test_two_requests_for_an_unloaded_model_start_one_load(make_manager):
-    manager = make_manager()
-    spawns = []
-    manager.hooks["load.before_spawn"] = lambda model: spawns.append(model)
+    spawn = SpawnSpy()
+    manager = make_manager(warm_spare=False, spawn=spawn)
     results = []
     threads = [
         threading.Thread(target=lambda: results.append(manager.generate("a", model=TINY, max_tokens=2)))
@@ -66,7 +65,7 @@ def test_two_requests_for_an_unloaded_model_start_one_load(make_manager):
     for t in threads:
         t.join(60)
     assert len(results) == 2
-    assert spawns == [TINY]
+    assert spawn.models == [TINY]
 
 
 def test_status_shows_ready_idle_model_with_its_deadline(make_manager):
@@ -107,9 +106,8 @@ def test_status_never_waits_behind_a_generation(make_manager):
     stream.close()
 
 
-def test_keep_alive_negative_never_expires_and_zero_unloads_after_the_request(make_manager, reaper_for):
+def test_keep_alive_negative_never_expires_and_zero_unloads_after_the_request(make_manager):
     manager = make_manager(idle_timeout=300)
-    reaper_for(manager)
     manager.generate("x", model=TINY, max_tokens=2, keep_alive=-1)
     (status,) = manager.status()
     assert status.expires_at is None and status.keep_alive_s == -1
@@ -162,7 +160,7 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
 
     b = threading.Thread(target=ask, args=("tiny-b",))
     b.start()
-    assert wait_for(lambda: len(manager._waiters) == 1, timeout=10)
+    assert wait_for(lambda: len(manager._registry.waiters) == 1, timeout=10)
     late_a = threading.Thread(target=ask, args=("tiny-a",))
     late_a.start()
     # Without arrival order, this later request would take a lease on the resident
@@ -178,11 +176,11 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
 def test_memory_limit_counts_loads_before_they_start(make_manager, model_dir):
     manager = make_manager(max_loaded_models=5, model_dirs=[str(model_dir)])
     size = manager.resolver.resolve("tiny-a").size_bytes
-    manager.memory_limit = int(size * 1.5)  # room for one tiny model, not two
+    manager.settings.memory_limit = int(size * 1.5)  # room for one tiny model, not two
     manager.load("tiny-a")
     manager.load("tiny-b")
     assert [s.id for s in manager.status()] == ["tiny-b"]
-    manager.memory_limit = size // 2
+    manager.settings.memory_limit = size // 2
     with pytest.raises(MemoryLimitError, match="memory_limit"):
         manager.load("tiny-a")
 
@@ -235,7 +233,7 @@ def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded_until_it_
     held, release = threading.Event(), Latch()  # Latch: it waits holding the lock, on purpose
 
     def hold_the_activity_lock():
-        with manager._activity_lock:
+        with manager._registry.activity_lock:
             held.set()
             release.wait(30)
 
@@ -253,13 +251,6 @@ def test_a_lock_held_past_the_watchdog_threshold_turns_health_degraded_until_it_
 
 
 def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager, model_dir):
-    manager = make_manager(max_loaded_models=2, model_dirs=[str(model_dir)], queue_timeout=5)
-    manager.load("tiny-a")
-    manager.load("tiny-b")
-    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
-    next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
-    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=30_000)
-    next(busy_b)
     loading, gate = threading.Event(), threading.Event()
 
     def slow_spawn(model):
@@ -267,10 +258,19 @@ def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager
             loading.set()
             gate.wait(30)
 
-    manager.hooks["load.before_spawn"] = slow_spawn
+    spawn = SpawnSpy(before=slow_spawn)
+    manager = make_manager(
+        max_loaded_models=2, model_dirs=[str(model_dir)], queue_timeout=5, warm_spare=False, spawn=spawn
+    )
+    manager.load("tiny-a")
+    manager.load("tiny-b")
+    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
+    next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
+    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=30_000)
+    next(busy_b)
     third = threading.Thread(target=manager.load, args=(TINY,))
     third.start()
-    assert wait_for(lambda: len(manager._waiters) == 1, timeout=10)
+    assert wait_for(lambda: len(manager._registry.waiters) == 1, timeout=10)
     busy_b.close()  # the waiter evicts idle tiny-b instead and starts loading
     assert loading.wait(10)
     busy_a.close()

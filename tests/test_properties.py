@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mlx_jupyter.engine.errors import InvalidRequestError
-from mlx_jupyter.engine.params import ROLES, parse_keep_alive, validate_request
+from mlx_jupyter.engine.keep_alive import parse_keep_alive
 from mlx_jupyter.engine.protocol import ChannelClosed, encode, read_frame, write_frame
+from mlx_jupyter.engine.request import ROLES, GenerationRequest, Limits
 
 # Modest example counts keep the module fast; no per-example deadline, since the machine is shared.
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -124,7 +125,7 @@ def test_every_keep_alive_the_parser_accepts_can_be_waited_for(value: Any):
     assert seconds is None or seconds < 0 or seconds <= threading.TIMEOUT_MAX, seconds
 
 
-# --- validate_request ---------------------------------------------------------------------
+# --- GenerationRequest.parse ---------------------------------------------------------------------
 
 messages = st.lists(
     st.fixed_dictionaries(
@@ -156,7 +157,7 @@ request_fields = st.fixed_dictionaries(
 @example({"messages": [{"role": "user", "content": "hi"}], "seed": 2**63}, 4096)
 def test_a_request_from_any_json_values_is_valid_in_every_field_or_a_clear_error(fields: dict, limit: int):
     try:
-        request = validate_request(**fields, max_tokens_limit=limit)
+        request = GenerationRequest.parse(fields, Limits(max_tokens=limit))
     except InvalidRequestError as exc:
         assert str(exc), "the error says what is wrong"
         return

@@ -5,27 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
-
-from tests.helpers import wait_for
+from tests.helpers import commit_seam, wait_for
 
 TINY = "builtin:tiny"
 
 
-@pytest.fixture
-def reaped(make_manager, reaper_for):
-    """A manager with a running reaper."""
-
-    def make(**kwargs):
-        manager = make_manager(**kwargs)
-        reaper_for(manager)
-        return manager
-
-    return make
-
-
-def test_reaper_unloads_at_the_deadline_and_not_before(reaped):
-    manager = reaped(idle_timeout=1)
+def test_reaper_unloads_at_the_deadline_and_not_before(make_manager):
+    manager = make_manager(idle_timeout=1)
     unloaded_at = []
     manager.add_listener(lambda: unloaded_at.append(time.time()) if not manager.status() else None)
     deadline = manager.load(TINY).expires_at
@@ -33,15 +19,15 @@ def test_reaper_unloads_at_the_deadline_and_not_before(reaped):
     assert unloaded_at[0] >= deadline, "unloaded before its deadline"
 
 
-def test_reaper_wakes_early_when_a_deadline_moves_closer(reaped):
-    manager = reaped(idle_timeout=0)
+def test_reaper_wakes_early_when_a_deadline_moves_closer(make_manager):
+    manager = make_manager(idle_timeout=0)
     manager.load(TINY, keep_alive=3600)  # the reaper now sleeps for an hour
     manager.generate("x", model=TINY, max_tokens=1, keep_alive=0.3)
     assert wait_for(lambda: manager.status() == [], timeout=5), "the reaper slept through the new deadline"
 
 
-def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(reaped):
-    manager = reaped(idle_timeout=0)
+def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(make_manager):
+    manager = make_manager(commit_seam(), idle_timeout=0)
     streams = []
 
     def lease_just_before_commit(model):
@@ -50,7 +36,7 @@ def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(reaped):
             next(stream)
             streams.append(stream)
 
-    manager.hooks["reaper.before_commit"] = lease_just_before_commit
+    manager.before_commit = lease_just_before_commit
     pid = manager.load(TINY, keep_alive=0.2).pid
     assert wait_for(lambda: streams, timeout=5)
     (status,) = manager.status()
@@ -61,8 +47,8 @@ def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(reaped):
     assert status.expires_at is None, "keep_alive=-1 from the last request keeps it forever"
 
 
-def test_a_failing_unload_is_logged_and_the_others_are_still_reaped(reaped, model_dir, caplog):
-    manager = reaped(idle_timeout=0, model_dirs=[str(model_dir)])
+def test_a_failing_unload_is_logged_and_the_others_are_still_reaped(make_manager, model_dir, caplog):
+    manager = make_manager(commit_seam(), idle_timeout=0, model_dirs=[str(model_dir)])
     failures = []
 
     def fail_for_a(model):
@@ -72,7 +58,7 @@ def test_a_failing_unload_is_logged_and_the_others_are_still_reaped(reaped, mode
 
     manager.load("tiny-a", keep_alive=-1)
     manager.load("tiny-b", keep_alive=-1)
-    manager.hooks["reaper.before_commit"] = fail_for_a
+    manager.before_commit = fail_for_a
     with caplog.at_level(logging.ERROR, logger="mlx_jupyter.engine.manager"):
         manager.load("tiny-a", keep_alive=0)
         manager.load("tiny-b", keep_alive=0)

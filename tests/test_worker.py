@@ -22,7 +22,7 @@ from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine import worker as worker_module
 from mlx_jupyter.engine.errors import InvalidRequestError, WorkerCrashedError
 from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.params import validate_request
+from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.worker import WorkerProcess
 from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
@@ -57,7 +57,7 @@ def spawn_worker():
 
 def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
     frames = worker.open(rid)
-    worker.send({"op": p.OP_GENERATE, "request_id": rid, **validate_request(**kwargs).worker_message()})
+    worker.send({"op": p.OP_GENERATE, "request_id": rid, **GenerationRequest.parse(kwargs, Limits(max_tokens=32768)).worker_message()})
     return frames
 
 
@@ -171,12 +171,12 @@ def mlx_config(mlx_config) -> dict:
 
 
 def test_the_server_gives_its_batch_size_to_the_manager(jp_serverapp):
-    assert jp_serverapp.web_app.settings["mlx_manager"].batch_size == 3
+    assert jp_serverapp.web_app.settings["mlx_manager"].settings.batch_size == 3
 
 
 def test_the_kernels_batch_size_reaches_its_local_engine_and_zero_is_refused(shell):
     shell.run_line_magic("config", "MLXMagics.batch_size = 3")
-    assert mlx_client.get_client().manager.batch_size == 3
+    assert mlx_client.get_client().manager.settings.batch_size == 3
     with pytest.raises(TraitError, match="less than"):
         shell.magics_manager.registry["MLXMagics"].batch_size = 0
 

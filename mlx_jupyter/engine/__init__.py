@@ -2,7 +2,7 @@
 
 from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.engine.manager import WorkerManager
-from mlx_jupyter.engine.reaper import IdleReaper
+from mlx_jupyter.engine.settings import EngineSettings
 from mlx_jupyter.engine.types import GenerationChunk, GenerationResult, ModelStatus
 
-__all__ = ["GenerationChunk", "GenerationResult", "IdleReaper", "MLXError", "ModelStatus", "WorkerManager"]
+__all__ = ["EngineSettings", "GenerationChunk", "GenerationResult", "MLXError", "ModelStatus", "WorkerManager"]

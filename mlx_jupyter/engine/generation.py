@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine.errors import RequestCancelledError, WorkerTimeoutError, error_from_frame
 from mlx_jupyter.engine.locks import assert_no_locks_held
-from mlx_jupyter.engine.params import GenerationRequest
+from mlx_jupyter.engine.request import GenerationRequest
 from mlx_jupyter.engine.types import GenerationChunk, GenerationResult
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ class _Holdings:
             if not self.ended:
                 lease.worker.cancel(self.rid)  # the consumer left early, or the worker hung
             lease.worker.close(self.rid)
-        self.manager._release(lease)
+        self.manager.leases.release(lease)
 
 
 class GenerationStream(Iterator[GenerationChunk]):
@@ -123,11 +123,11 @@ class GenerationStream(Iterator[GenerationChunk]):
         manager, request, held = self._manager, self.request, self._held
         start = time.perf_counter()
         try:
-            held.lease = lease = manager._lease(self.model, request.keep_alive, self._wakeup, self._cancelled)
+            held.lease = lease = manager.leases.take(self.model, request.keep_alive, self._wakeup, self._cancelled)
         except RequestCancelledError:
             yield _cancelled(None)
             return
-        manager._check_fits(lease, request)
+        manager.leases.check_fits(lease, request)
         held.rid = rid = uuid.uuid4().hex
         self._frames = frames = lease.worker.open(rid)
         if self._cancelled.is_set():  # left while its model loaded: no generation starts
@@ -140,7 +140,8 @@ class GenerationStream(Iterator[GenerationChunk]):
         # deadlines apply to this request alone.
         started, cancel_sent, ttft = False, False, None
         while True:
-            timeout = manager.token_timeout if ttft is not None else manager.first_token_timeout
+            settings = manager.settings
+            timeout = settings.token_timeout if ttft is not None else settings.first_token_timeout
             assert_no_locks_held("waiting for a token")
             try:
                 frame = frames.get(timeout=timeout)
@@ -152,7 +153,7 @@ class GenerationStream(Iterator[GenerationChunk]):
                     f"worker for model {lease.record.spec.id!r} (pid {lease.worker.pid}) sent no {what} "
                     f"within {timeout:g}s and was killed; the next request starts a fresh worker"
                 )
-                manager._kill(lease, message, WorkerTimeoutError.code)
+                manager.leases.kill(lease, message, WorkerTimeoutError.code)
                 raise WorkerTimeoutError(message) from None
             kind = frame["type"]
             if kind in (p.T_DONE, p.T_ERROR):

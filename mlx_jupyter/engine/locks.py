@@ -16,9 +16,10 @@ log = logging.getLogger(__name__)
 # The whole lock order of the engine. A thread may only take a lock whose rank is
 # higher than the rank of every lock it already holds. Add new locks here, never inline.
 LOCK_RANKS: dict[str, int] = {
-    "activity_lock": 1,  # WorkerManager: leases, last use, keep-alive, expiry
-    "state_lock": 2,  # WorkerManager: registry, worker states, epochs, waiters
-    "routes_lock": 3,  # WorkerProcess: request id -> frame queue
+    "activity_lock": 1,  # Registry: leases, last use, keep-alive, idle deadlines
+    "state_lock": 2,  # Registry: records by id, states, workers, claims, waiters, counters
+    "spare_lock": 3,  # WarmSpare: the spare worker and its refill
+    "routes_lock": 4,  # WorkerProcess: request id -> frame queue
 }
 
 MODES = ("validate", "observe", "off")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from typing import TYPE_CHECKING
 
 from mlx_jupyter.engine.locks import assert_no_locks_held
-from mlx_jupyter.engine.manager import WorkerManager
+
+if TYPE_CHECKING:
+    from mlx_jupyter.engine.manager import WorkerManager
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +21,7 @@ RETRY_S = 1.0
 
 
 class IdleReaper:
-    """Sleeps until the earliest idle deadline and unloads what is due.
+    """Sleeps until the earliest idle deadline and unloads what is due; the manager starts and stops it.
 
     It never polls on a fixed period: the manager calls ``wake`` whenever a deadline
     changes, and the thread recomputes its sleep. The wake flag is cleared *before*
@@ -35,7 +37,6 @@ class IdleReaper:
         self._died: str | None = None
         self._thread = threading.Thread(target=self._run, name="mlx-idle-reaper", daemon=True)
         manager.add_listener(self.wake)
-        manager.add_health_check(self._health)
 
     def start(self) -> None:
         self._thread.start()
@@ -49,7 +50,8 @@ class IdleReaper:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def _health(self) -> str | None:
+    def health(self) -> str | None:
+        """Why idle models are no longer unloaded, or None."""
         if self._died is not None:
             return f"the idle reaper died ({self._died}); idle models are no longer unloaded"
         return None
@@ -61,7 +63,7 @@ class IdleReaper:
                 try:
                     self.manager.reap_expired()
                     deadline = self.manager.next_expiry()
-                    timeout = MAX_SLEEP_S if deadline is None else deadline - time.monotonic()
+                    timeout = MAX_SLEEP_S if deadline is None else deadline - self.manager.clock()
                 except Exception:
                     log.exception("idle reaper pass failed; retrying in %gs", RETRY_S)
                     timeout = RETRY_S

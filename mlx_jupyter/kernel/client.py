@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
-from mlx_jupyter.engine import IdleReaper, MLXError, WorkerManager
-from mlx_jupyter.engine.models import ModelResolver
+from mlx_jupyter.engine import EngineSettings, MLXError, WorkerManager
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +250,15 @@ def _error_from_body(payload: Any, status: int | None) -> ClientError:
 # -- an engine hosted in the kernel ------------------------------------------------
 
 # What an empty MLXMagics.default_model gives a kernel-hosted engine: the engine's own default.
-ENGINE_DEFAULT_MODEL: str = WorkerManager.__init__.__kwdefaults__["default_model"]
+ENGINE_DEFAULT_MODEL: str = EngineSettings.default_model.default_value
 
 
 class LocalClient(MLXClient):
-    """Hosts a WorkerManager and its IdleReaper in this kernel; they stop at kernel exit.
+    """Hosts a WorkerManager (and so its idle reaper) in this kernel; it stops at kernel exit.
 
     The engine is created on first use, so loading the magics starts nothing; worker
-    processes start only when a model is asked for. ``reconfigure`` applies changed traits to a running engine.
+    processes start only when a model is asked for. ``reconfigure`` applies changed settings
+    to a running engine, which reads them at its next decision.
     """
 
     host = "this kernel (local engine)"
@@ -266,7 +266,6 @@ class LocalClient(MLXClient):
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.settings = dict(settings or {})
         self._manager: WorkerManager | None = None
-        self._reaper: IdleReaper | None = None
         self._lock = threading.Lock()  # guards the lazy start only; never held across engine calls
         atexit.register(self.close)
 
@@ -279,29 +278,15 @@ class LocalClient(MLXClient):
         with self._lock:
             if self._manager is None:
                 self._manager = WorkerManager(**self.settings)
-                self._reaper = IdleReaper(self._manager)
-                self._reaper.start()
             return self._manager
 
     def reconfigure(self, **settings: Any) -> None:
-        """Apply new settings; a running engine takes them for its next decision.
-
-        The manager reads these attributes afresh at each decision (under its own locks),
-        and a single attribute write is atomic, so no lock is needed here.
-        """
+        """Apply new settings; a running engine takes them for its next decision."""
         self.settings.update(settings)
         manager = self._manager
-        if manager is None:
-            return
-        for name, value in settings.items():
-            if name in ("model_dirs", "allow_downloads"):
-                manager.resolver = ModelResolver(
-                    self.settings.get("model_dirs", ()), allow_downloads=self.settings.get("allow_downloads", False)
-                )
-            elif hasattr(manager, name):
-                setattr(manager, name, value)
-        if self._reaper is not None:
-            self._reaper.wake()  # a shorter idle_timeout may bring a deadline forward
+        if manager is not None:
+            for name, value in settings.items():
+                setattr(manager.settings, name, value)  # the manager observes what needs more than a read
 
     def health(self) -> dict[str, Any]:
         return self._engine(self.manager.health)
@@ -329,10 +314,7 @@ class LocalClient(MLXClient):
     def close(self) -> None:
         atexit.unregister(self.close)
         with self._lock:
-            manager, reaper = self._manager, self._reaper
-            self._manager = self._reaper = None
-        if reaper is not None:
-            reaper.stop()
+            manager, self._manager = self._manager, None
         if manager is not None:
             manager.shutdown()
 

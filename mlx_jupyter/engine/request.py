@@ -1,0 +1,265 @@
+"""GenerationRequest: every field of a generation request, declared once with its type, range, default and help."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from mlx_jupyter.engine.errors import InvalidRequestError, PromptTooLargeError
+from mlx_jupyter.engine.keep_alive import parse_keep_alive
+
+ROLES = ("system", "user", "assistant")
+# What one request may cost every other request on its model: the stop strings are
+# matched against the text after every token.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The host's bounds on a request. Args: max_tokens, max_prompt_chars."""
+
+    max_tokens: int = 8192
+    max_prompt_chars: int = 1_000_000
+
+
+Check = Callable[[str, Any, Limits], Any]
+# FieldSpec.openai_default when an OpenAI request gets the field's own default.
+SAME_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """What every surface knows of one request field.
+
+    Args:
+        help: one sentence; the magics' ``--help``, the OpenAPI document and the README show it.
+        schema: its JSON Schema (type and range; ``default`` and ``description`` are added).
+        check: ``check(name, value, limits)`` gives the field's value or raises InvalidRequestError.
+        openai: the OpenAI request fields that carry it, the preferred one first (none: native only).
+        openai_default: its value when an OpenAI request leaves it out, where OpenAI's default differs.
+        option: the ``%%mlx`` option that sets it, if any.
+        worker: sent to the worker (``model`` and ``keep_alive`` are the manager's).
+    """
+
+    help: str
+    schema: dict[str, Any]
+    check: Check
+    openai: tuple[str, ...] = ()
+    openai_default: Any = SAME_DEFAULT
+    option: str | None = None
+    worker: bool = True
+
+
+def _show(value: Any) -> str:
+    """A short repr for an error message (a 5,000-digit integer has no repr at all)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> Check:
+    def check(name: str, value: Any, limits: Limits) -> Any:
+        top = limits.max_tokens if hi is None else hi
+        kind = int if integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InvalidRequestError(f"{name} must be {'an integer' if integer else 'a number'}, not {_show(value)}")
+        if not (lo <= value <= top) or (not integer and not math.isfinite(value)):
+            raise InvalidRequestError(f"{name} must be between {lo:g} and {top:g}, not {_show(value)}")
+        return value if integer else float(value)
+
+    return check
+
+
+def _model(name: str, value: Any, limits: Limits) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(f"model must be a non-empty string, not {_show(value)}")
+    return value
+
+
+def _prompt(name: str, value: Any, limits: Limits) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError("prompt must be a non-empty string")
+    return value
+
+
+def _messages(name: str, value: Any, limits: Limits) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}] must be an object with a string 'content'")
+        if m.get("role") not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role {_show(m.get('role'))} is not supported: use one of {', '.join(ROLES)}"
+            )
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _stops(name: str, value: Any, limits: Limits) -> list[str]:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise InvalidRequestError("stop must be a non-empty string or a list of them")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise InvalidRequestError(f"a stop string is {longest} characters long; the limit is {MAX_STOP_CHARS}")
+    return list(stops)
+
+
+def _keep_alive(name: str, value: Any, limits: Limits) -> float | None:
+    return parse_keep_alive(value)
+
+
+def _spec(help: str, schema: dict[str, Any], check: Check, **more: Any) -> dict[str, FieldSpec]:
+    return {"spec": FieldSpec(help, schema, check, **more)}
+
+
+@dataclass
+class GenerationRequest:
+    """A validated request: build one with ``GenerationRequest.parse``.
+
+    Each field's ``FieldSpec`` (its metadata) is the one description the engine's
+    validation, the OpenAPI document, the OpenAI field mapping and the ``%%mlx`` options
+    are derived from: a new parameter is a new field here and its use in the worker.
+    """
+
+    model: str | None = field(
+        default=None,
+        metadata=_spec(
+            "Model id; absent = the host's default_model. Loaded on demand.",
+            {"type": "string", "minLength": 1},
+            _model,
+            openai=("model",),
+            option="--model",
+            worker=False,
+        ),
+    )
+    prompt: str | None = field(
+        default=None,
+        metadata=_spec("Text to continue, as written (no chat template).", {"type": "string", "minLength": 1}, _prompt),
+    )
+    messages: list[dict[str, str]] | None = field(
+        default=None,
+        metadata=_spec(
+            "Chat messages ({role, content}), formatted with the model's chat template.",
+            {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Message"}},
+            _messages,
+        ),
+    )
+    max_tokens: int = field(
+        default=512,
+        metadata=_spec(
+            "Most tokens to generate; at most the host's max_tokens_limit and the model's context.",
+            {"type": "integer", "minimum": 1},
+            _number(1, integer=True),
+            openai=("max_completion_tokens", "max_tokens"),
+            option="--max-tokens",
+        ),
+    )
+    temperature: float = field(
+        default=0.0,
+        metadata=_spec(
+            "Sampling temperature; 0 = greedy.",
+            {"type": "number", "minimum": 0, "maximum": 100},
+            _number(0.0, 100.0),
+            openai=("temperature",),
+            openai_default=1.0,
+            option="--temperature",
+        ),
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata=_spec(
+            "Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.",
+            {"type": "number", "minimum": 0, "maximum": 1},
+            _number(0.0, 1.0),
+            openai=("top_p",),
+            option="--top-p",
+        ),
+    )
+    seed: int | None = field(
+        default=None,
+        metadata=_spec(
+            "Random seed, for reproducible sampling.",
+            {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+            _number(0, 2**63 - 1, integer=True),
+            openai=("seed",),
+            option="--seed",
+        ),
+    )
+    stop: list[str] = field(
+        default_factory=list,
+        metadata=_spec(
+            f"Stop strings (at most {MAX_STOP_STRINGS}, of {MAX_STOP_CHARS} characters each): "
+            "the answer ends before the first one.",
+            {"$ref": "#/components/schemas/StopSequences"},
+            _stops,
+            openai=("stop",),
+            option="--stop",
+        ),
+    )
+    keep_alive: float | None = field(
+        default=None,
+        metadata=_spec(
+            "How long the model stays loaded after this request: seconds or a duration such as "
+            "'10m'; negative = forever, 0 = unload at once; absent = the host's idle_timeout.",
+            {"$ref": "#/components/schemas/KeepAlive"},
+            _keep_alive,
+            openai=("keep_alive",),
+            option="--keep-alive",
+            worker=False,
+        ),
+    )
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], limits: Limits | None = None) -> GenerationRequest:
+        """Check every field of ``values`` (``None`` = absent); raises InvalidRequestError naming the first bad one."""
+        limits = limits or Limits()
+        specs = field_specs()
+        unknown = sorted(set(values) - set(specs))
+        if unknown:
+            raise InvalidRequestError(f"unknown fields {unknown}: accepted are {', '.join(specs)}")
+        given = {name: specs[name].check(name, value, limits) for name, value in values.items() if value is not None}
+        given.setdefault("max_tokens", min(field_default("max_tokens"), limits.max_tokens))  # a default within bounds
+        if ("prompt" in given) == ("messages" in given):
+            raise InvalidRequestError("give exactly one of prompt or messages")
+        chars = len(given["prompt"]) if "prompt" in given else sum(len(m["content"]) for m in given["messages"])
+        if chars > limits.max_prompt_chars:
+            raise PromptTooLargeError(f"the prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
+        return cls(**given)
+
+    def worker_message(self) -> dict[str, Any]:
+        """The fields the worker needs, as the ``generate`` message carries them."""
+        return {name: getattr(self, name) for name, spec in field_specs().items() if spec.worker}
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """Every request field's spec, in declaration order."""
+    return {f.name: f.metadata["spec"] for f in fields(GenerationRequest)}
+
+
+def field_default(name: str) -> Any:
+    """The default of field ``name`` when a request leaves it out."""
+    f = GenerationRequest.__dataclass_fields__[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """Field ``name``'s JSON Schema with its help and default, as the OpenAPI document shows it."""
+    spec = field_specs()[name]
+    schema = dict(spec.schema, description=spec.help)
+    default = field_default(name)
+    if default is None:
+        schema["nullable"] = True
+    elif default != []:
+        schema["default"] = default
+    if "$ref" in schema:  # OpenAPI 3.0 ignores a $ref's siblings: wrap it
+        schema = {"allOf": [{"$ref": schema.pop("$ref")}], **schema}
+    return schema
