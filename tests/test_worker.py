@@ -57,7 +57,8 @@ def spawn_worker():
 
 def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
     frames = worker.open(rid)
-    worker.send({"op": p.OP_GENERATE, "request_id": rid, **GenerationRequest.parse(kwargs, Limits(max_tokens=32768)).worker_message()})
+    request = GenerationRequest.parse(kwargs, Limits(max_tokens=32768))
+    worker.send({"op": p.OP_GENERATE, "request_id": rid, **request.worker_message()})
     return frames
 
 

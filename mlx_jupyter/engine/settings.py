@@ -148,7 +148,10 @@ def settings_table() -> str:
     rows = ["| setting | default | meaning |", "|---|---|---|"]
     for name in setting_names():
         default = defaults[name]
-        shown = f"{default:g}" if isinstance(default, float) else f"`{default}`" if isinstance(default, (str, list)) else default
+        if isinstance(default, float):
+            shown = f"{default:g}"
+        else:
+            shown = f"`{default}`" if isinstance(default, (str, list)) else str(default)
         help_text = " ".join(getattr(EngineSettings, name).help.split()).replace("``", "`")
         rows.append(f"| `{name}` | {shown} | {help_text.split('. ')[0].rstrip('.')} |")
     return "\n".join(rows) + "\n"
