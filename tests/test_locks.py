@@ -117,7 +117,7 @@ def test_violation_message_names_both_locks_the_rank_order_and_both_stacks() -> 
         state.release()
     message = str(info.value)
     assert "activity_lock (rank 1) taken while holding state_lock (rank 2)" in message
-    assert "the order is activity_lock -> state_lock -> routes_lock" in message
+    assert "the order is activity_lock -> state_lock -> spare_lock -> routes_lock" in message
     held = section(message, "state_lock acquired at:", "activity_lock requested at:")
     requested = section(message, "activity_lock requested at:")
     me = "test_violation_message_names_both_locks_the_rank_order_and_both_stacks"
