@@ -94,6 +94,12 @@ def test_the_kernel_client_gets_the_same_error_from_a_server_body_as_from_its_ow
             assert (got.code, got.status, got.details()) == (engine_error.code, api.status_code, engine_error.details())
 
 
+def test_an_error_event_mid_stream_gets_the_status_its_code_has():
+    crashed = error_body(APIError.from_engine(WorkerCrashedError("the worker died")))
+    assert error_from_body(crashed, None).status == 502
+    assert error_from_body({"error": {"message": "full", "code": "server_busy"}}, None).status is None
+
+
 def test_a_body_that_is_not_an_error_body_is_still_one_error():
     error = error_from_body(["not", "an", "object"], 502)
     assert type(error) is ClientError and (error.code, error.status) == ("error", 502)

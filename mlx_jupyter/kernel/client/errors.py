@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mlx_jupyter.engine.errors import DETAILS, ErrorDetails, MLXError, ModelNotFoundError, error_class
+from mlx_jupyter.engine.errors import DETAILS, ERRORS, ErrorDetails, MLXError, ModelNotFoundError, error_class
 
 
 class ClientError(ErrorDetails, Exception):
@@ -57,10 +57,16 @@ def error_from_engine(exc: MLXError) -> ClientError:
 
 
 def error_from_body(payload: Any, status: int | None) -> ClientError:
-    """``{"error": {"message", "code", "hint"?, <data>...}}``, without the hint meant for REST clients."""
+    """``{"error": {"message", "code", "hint"?, <data>...}}``, without the hint meant for REST clients.
+
+    ``status`` is None for an error event in a stream: an engine error then gets the status
+    the REST API gives it, as from an engine in the kernel.
+    """
     error = payload.get("error") if isinstance(payload, dict) else None
     error = error if isinstance(error, dict) else {}
     code = error.get("code") or "error"
+    if status is None and code in ERRORS:
+        status = ERRORS[code].status
     message = error.get("message") or "the server reported an error"
     if error.get("hint"):  # the kernel's front end, the magics, gives its own
         message = message.removesuffix(f"; {error['hint']}")
