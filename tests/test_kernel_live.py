@@ -163,7 +163,7 @@ def test_a_kernel_finds_the_server_through_its_runtime_file_when_the_exported_ur
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.tmp / "runtime"))
     monkeypatch.setenv("JPY_PARENT_PID", str(server.proc.pid))
     assert mlx_client.runtime_file_server() == (server.url, server.token)
-    found = mlx_client._discover(mlx_client.Discovery())
+    found = mlx_client.discover(mlx_client.Discovery())
     assert isinstance(found, mlx_client.ServerClient) and found.url == server.url
     assert found.health()["status"] == "ok"
     found.close()
@@ -317,19 +317,31 @@ class NotFoundHandler(http.server.BaseHTTPRequestHandler):
 
 
 class CannedSSEHandler(http.server.BaseHTTPRequestHandler):
-    """Answers ``POST <path>`` with a canned Server-Sent Events body: faults the real server never sends."""
+    """Answers ``POST <path>`` with a canned Server-Sent Events body: faults the real server never sends.
+
+    ``/lingering/...`` sends one event of an answer that never ends, then sets ``left`` when the
+    client closes the connection.
+    """
 
     BODIES = {
         "/ok/mlx/api/generate": b': comment\n\nevent: ping\n\ndata: {"text": "a"}\n\n'
         b'data: {"text": "b", "finish_reason": "stop", "done": true}\n\n',
         "/garbled/mlx/api/generate": b'data: {"text": "a"}\n\ndata: {"text": \n\n',
     }
+    left = threading.Event()
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = self.BODIES[self.path]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
+        if self.path == "/lingering/mlx/api/generate":
+            self.end_headers()
+            self.wfile.write(b'data: {"text": "a"}\n\n')
+            self.wfile.flush()
+            if self.connection.recv(1) == b"":  # EOF: closed; a connection kept for reuse would wait here
+                self.left.set()
+            return
+        body = self.BODIES[self.path]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -338,20 +350,45 @@ class CannedSSEHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_the_stream_reader_skips_events_without_data_and_reports_a_garbled_one_as_one_error():
+@pytest.fixture
+def canned_url() -> Iterator[str]:
+    """The URL of a local HTTP server answering with CannedSSEHandler."""
+    CannedSSEHandler.left = threading.Event()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), CannedSSEHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
     try:
-        chunks = list(mlx_client.ServerClient(f"{url}/ok/").generate({"prompt": "hi"}))
-        assert [c["text"] for c in chunks] == ["a", "b"] and chunks[-1]["finish_reason"] == "stop"
-        stream = mlx_client.ServerClient(f"{url}/garbled/").generate({"prompt": "hi"})
-        assert next(stream) == {"text": "a"}
-        with pytest.raises(ClientError, match="unreadable event from the Jupyter server"):
-            next(stream)
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_the_stream_reader_skips_events_without_data_and_reports_a_garbled_one_as_one_error(canned_url):
+    chunks = list(mlx_client.ServerClient(f"{canned_url}/ok/").generate({"prompt": "hi"}))
+    assert [c["text"] for c in chunks] == ["a", "b"] and chunks[-1]["finish_reason"] == "stop"
+    stream = mlx_client.ServerClient(f"{canned_url}/garbled/").generate({"prompt": "hi"})
+    assert next(stream) == {"text": "a"}
+    with pytest.raises(ClientError, match="unreadable event from the Jupyter server"):
+        next(stream)
+
+
+def test_closing_a_stream_closes_its_connection_so_the_server_sees_the_client_leave(canned_url):
+    client = mlx_client.ServerClient(f"{canned_url}/lingering/")
+    stream = client.generate({"prompt": "hi"})
+    assert next(stream) == {"text": "a"}
+    stream.close()
+    assert CannedSSEHandler.left.wait(30), "the connection stayed open after the stream was closed"
+    client.close()
+
+
+def test_proxy_settings_in_the_environment_do_not_reroute_the_kernels_calls(canned_url, monkeypatch, refusing_url):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, refusing_url)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    client = mlx_client.ServerClient(f"{canned_url}/ok/")
+    assert [c["text"] for c in client.generate({"prompt": "hi"})] == ["a", "b"]
+    client.close()
 
 
 def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatch):
@@ -360,7 +397,7 @@ def test_a_server_without_the_extension_means_an_engine_in_the_kernel(monkeypatc
     try:
         monkeypatch.setenv(ENV_URL, f"http://127.0.0.1:{httpd.server_address[1]}/")
         monkeypatch.delenv("JPY_PARENT_PID", raising=False)
-        found = mlx_client._discover(mlx_client.Discovery())
+        found = mlx_client.discover(mlx_client.Discovery())
         assert isinstance(found, LocalClient)
         found.close()
     finally:

@@ -17,8 +17,9 @@ from traitlets import TraitError
 
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
+from mlx_jupyter.kernel.arguments import interpolate
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
-from mlx_jupyter.kernel.magics import interpolate
+from mlx_jupyter.kernel.magics import MLXMagics
 from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
@@ -138,7 +139,7 @@ def test_chat_keeps_the_conversation_until_reset(shell):
     assert shell.user_ns["_mlx"].usage["prompt_tokens"] < second.usage["prompt_tokens"], "max_history was ignored"
     shell.run_line_magic("config", "MLXMagics.max_history = 3")  # cuts the first answer from its question
     run(shell, f"%%mlx -m {TINY} --max-tokens 4 --chat\nAnd yours?")
-    sent = magics._request(magics._cell_parser.parse_args(["--chat"]), "Next?")["messages"]
+    sent = magics._request(magics.mlx_cell.parser.parse_args(["--chat"]), "Next?")["messages"]
     assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"], "history must start with a question"
     run(shell, "%mlx reset")
     assert magics.history == [] and magics.chat_system is None
@@ -156,6 +157,8 @@ def test_chat_keeps_the_conversation_until_reset(shell):
         ("%%mlx -o 2x\nhi", "not a variable name"),
         ("%%mlx -o a.b\nhi", "not a variable name"),
         ("%mlx frobnicate", "invalid choice"),
+        ("%mlx load a b", "unrecognized arguments"),
+        ("%mlx unload --keep-alive 1m", "unrecognized arguments"),
     ],
 )
 def test_bad_options_are_one_usage_error_and_the_kernel_keeps_working(shell, cell, message):
@@ -170,6 +173,32 @@ def test_help_prints_and_does_not_exit(shell):
     assert result.success and "--max-tokens" in out.stdout and "--keep-alive" in out.stdout
     result, out = run(shell, "%mlx help")
     assert result.success and "%mlx load" in out.stdout
+    result, out = run(shell, "%mlx load --help")
+    assert result.success and "--keep-alive DUR" in out.stdout
+    assert engine().manager.status() == [], "--help loaded a model"
+
+
+def test_the_magics_docstrings_list_their_options_for_question_mark_help(shell):
+    cell_doc, line_doc = shell.find_cell_magic("mlx").__doc__, shell.find_line_magic("mlx").__doc__
+    for option in ("--model", "--max-tokens", "--temperature", "--chat", "--format", "--keep-alive", "--no-stream"):
+        assert option in cell_doc, option
+    for command in ("list", "load", "unload", "status", "reset", "version", "help"):
+        assert f"%mlx {command}" in line_doc, command
+
+
+def test_each_magics_instance_owns_its_client_and_get_client_gives_the_shells(shell):
+    magics = shell.magics_manager.registry["MLXMagics"]
+    assert mlx_client.get_client() is magics.client
+    other = MLXMagics(None, server="local", idle_timeout=0)
+    try:
+        mine, theirs = magics.client, other.client
+        assert isinstance(theirs, LocalClient) and theirs is not mine
+        other.server = "auto"  # another instance's setting: its own client goes, the shell's stays
+        assert other.client is not theirs and magics.client is mine
+        shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
+        assert mine.settings["max_loaded_models"] == 3 and other.max_loaded_models == 2
+    finally:
+        other.close()
 
 
 def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):

@@ -191,8 +191,9 @@ def test_unload_stops_the_worker_and_unknown_unload_is_a_clear_error(make_manage
     manager.unload(TINY)
     assert manager.status() == []
     assert wait_for(lambda: not pid_alive(pid), timeout=5)
-    with pytest.raises(ModelNotFoundError, match="not loaded"):
+    with pytest.raises(ModelNotFoundError, match="not loaded") as info:
         manager.unload(TINY)
+    assert (info.value.model, info.value.loaded) == (TINY, []), "the data a front end renders its hint from"
 
 
 def test_unload_waits_for_in_flight_requests_to_drain(make_manager):

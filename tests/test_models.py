@@ -206,8 +206,9 @@ def test_a_missing_packaged_model_is_a_clear_load_error_and_left_out_of_the_list
 def test_unknown_builtin_name_raises_model_not_found() -> None:
     with pytest.raises(ModelNotFoundError, match="tiny"):
         builtin_model_path("huge")
-    with pytest.raises(ModelNotFoundError, match="models/available"):
+    with pytest.raises(ModelNotFoundError, match="built-in models are builtin:") as info:
         ModelResolver().resolve("builtin:huge")
+    assert info.value.model == "builtin:huge"
 
 
 def test_plain_name_resolves_to_first_model_dir_holding_it(tmp_path: Path) -> None:
@@ -230,13 +231,16 @@ def test_folder_without_config_raises_model_load_error_naming_model(
     assert str(tmp_path / "models" / "broken") in str(info.value)
 
 
-def test_unknown_id_raises_model_not_found_pointing_to_available(
+def test_unknown_id_raises_model_not_found_with_the_model_and_no_rest_route(
     tmp_path: Path,
 ) -> None:
     resolver = ModelResolver([tmp_path])
 
-    with pytest.raises(ModelNotFoundError, match="GET mlx/api/models/available"):
+    with pytest.raises(ModelNotFoundError, match="unknown model 'no-such-model'") as info:
         resolver.resolve("no-such-model")
+    # Each front end adds its own hint (a REST route, or the ids themselves) from the data.
+    assert info.value.model == "no-such-model" and info.value.loaded is None
+    assert "mlx/api" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -287,6 +291,7 @@ def test_uncached_repo_without_downloads_raises_model_not_found(
     with pytest.raises(ModelNotFoundError, match="allow_downloads") as info:
         ModelResolver(allow_downloads=False).resolve("org/absent")
     assert str(tmp_path / "hf-hub") in str(info.value)
+    assert info.value.model == "org/absent"
 
 
 def test_incomplete_hf_snapshot_raises_model_load_error(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
 import mlx_jupyter
+from mlx_jupyter import sse
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
 from tests.helpers import child_pids, wait_for
@@ -60,20 +61,9 @@ def deref(node: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
-def parse_sse(body: bytes) -> list[tuple[str | None, Any]]:
+def parse_sse(body: bytes) -> list[tuple[str, Any]]:
     """(event name, data) of each Server-Sent Event; data is JSON, or the raw text (``[DONE]``)."""
-    events = []
-    for block in body.decode().split("\n\n"):
-        name, data = None, []
-        for line in block.split("\n"):
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                data.append(line.removeprefix("data: "))
-        if data:
-            text = "\n".join(data)
-            events.append((name, text if text == "[DONE]" else json.loads(text)))
-    return events
+    return [(e.event, e.data if e.data == sse.DONE else e.json()) for e in sse.parse(body)]
 
 
 async def request(jp_fetch, method: str, path: str, body: Any = None, **kwargs: Any) -> tuple[Any, Any]:
@@ -227,7 +217,7 @@ async def test_generate_stream_events(jp_fetch):
     body = {"model": TINY, "prompt": "Hi", "max_tokens": 4, "stream": True}
     response, events = await request(jp_fetch, "post", "/mlx/api/generate", body)
     assert response.headers["Content-Type"] == "text/event-stream"
-    assert len(events) >= 2 and all(name is None for name, _ in events)
+    assert len(events) >= 2 and all(name == "message" for name, _ in events)  # unnamed: the default type
     for _, chunk in events[:-1]:
         check("GenerateChunk", chunk)
     check("GenerateFinal", events[-1][1])

@@ -19,7 +19,8 @@ from jupyter_server.utils import url_path_join
 from prometheus_client.parser import text_string_to_metric_families
 from tornado import web
 
-from mlx_jupyter import __version__
+from mlx_jupyter import __version__, sse
+from mlx_jupyter.engine.errors import DETAILS
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.types import ModelStatus
@@ -32,6 +33,8 @@ BROKEN = "tiny-broken"
 VALID = {"prompt": "Beautiful is", "max_tokens": 4}
 METHODS = ("get", "post", "put", "patch", "delete")
 ONE_SLOT = {"max_loaded_models": 1, "queue_timeout": 1}
+# An error body: message, type and code, then a hint and the error's data where they apply.
+ERROR_FIELDS = {"message", "type", "code", "hint", *DETAILS}
 
 
 # -- fixtures ------------------------------------------------------------------
@@ -114,7 +117,7 @@ def assert_error(response, status: int, code: str, *words: str) -> dict:
     assert got == status, f"HTTP {got}, expected {status}: {response.body[:300]!r}"
     assert response.headers["Content-Type"].startswith("application/json")
     error = json.loads(response.body)["error"]
-    assert set(error) == {"message", "type", "code"}, error
+    assert {"message", "type", "code"} <= set(error) <= ERROR_FIELDS, error
     assert error["code"] == code, error
     for word in words:
         assert word in error["message"], (word, error)
@@ -139,10 +142,10 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> boo
 
 
 def sse_events(body: bytes) -> list[dict]:
-    """The JSON payloads of a Server-Sent Events body made only of ``data:`` events."""
-    blocks = [b for b in body.decode().split("\n\n") if b.strip()]
-    assert all(b.startswith("data: ") and "\n" not in b for b in blocks), blocks
-    return [json.loads(b.removeprefix("data: ")) for b in blocks]
+    """The JSON payloads of a Server-Sent Events body made only of unnamed events."""
+    parsed = sse.parse(body)
+    assert all(e.event == "message" for e in parsed), parsed
+    return [e.json() for e in parsed]
 
 
 @contextlib.asynccontextmanager
@@ -291,7 +294,9 @@ async def test_load_answers_ready_with_a_pid_and_unload_ends_the_worker_process(
     assert ok_json(await get(jp_fetch, "mlx/api/models"))["models"] == []
 
     again = await post(jp_fetch, "mlx/api/models/unload", {"model": "tiny-a"})
-    assert_error(again, 404, "model_not_found", "'tiny-a'", "not loaded")
+    error = assert_error(again, 404, "model_not_found", "'tiny-a'", "not loaded; see GET mlx/api/models")
+    # The data behind the message, for clients that say it their own way (the magics list the ids).
+    assert (error["model"], error["loaded"], error["hint"]) == ("tiny-a", [], "see GET mlx/api/models")
 
 
 # -- generate ------------------------------------------------------------------

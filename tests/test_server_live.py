@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import secrets
@@ -19,6 +18,7 @@ from typing import ClassVar
 import httpx
 import pytest
 
+from mlx_jupyter import sse
 from tests.helpers import child_pids, pid_alive, wait_for
 
 BASE = "/live/"
@@ -126,9 +126,9 @@ class LiveServer:
         """The ``data:`` objects of an SSE response, as they arrive."""
         with self.client.stream("POST", path, json=body) as response:
             assert response.status_code == 200, response.read()
-            for line in response.iter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    yield json.loads(line[len("data: ") :])
+            for event in sse.events(response):
+                if event.data != sse.DONE:
+                    yield event.json()
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -232,15 +232,12 @@ def test_events_report_load_ready_busy_idle_and_unload(live):
 
     def listen():
         with httpx.stream("GET", live.url + "mlx/api/events", headers=live.client.headers, timeout=60) as response:
-            event = None
-            for line in response.iter_lines():
-                if line.startswith("event: "):
-                    event = line[len("event: ") :]
-                elif line.startswith("data: ") and event == "snapshot":
+            for event in sse.events(response):
+                if event.event == "snapshot":
                     subscribed.set()  # the server subscribes this stream before it sends the snapshot
-                elif line.startswith("data: "):
-                    seen.append((event, json.loads(line[6:])["model"]["id"]))
-                    if event == "unload":
+                else:
+                    seen.append((event.event, event.json()["model"]["id"]))
+                    if event.event == "unload":
                         done.set()
                         return
 

@@ -126,7 +126,8 @@ class WorkerManager:
                 registry.check_open()
                 record = registry.find(model)
                 if record is None:
-                    raise ModelNotFoundError(f"model {model!r} is not loaded")
+                    loaded = sorted(registry.models)
+                    raise ModelNotFoundError(f"model {model!r} is not loaded", model=model, loaded=loaded)
                 if record.state is State.READY:
                     registry.detach(record, State.DRAINING if record.leases else State.STOPPING)
                     to_stop = record if record.state is State.STOPPING else None
@@ -170,7 +171,7 @@ class WorkerManager:
             record = self._registry.models.get(model)
             worker = record.worker if record is not None and record.state is State.READY else None
         if worker is None:
-            raise ModelNotFoundError(f"model {model!r} is not loaded")
+            raise ModelNotFoundError(f"model {model!r} is not loaded", model=model)
         return worker.ping(timeout)
 
     def status(self) -> list[ModelStatus]:

@@ -23,7 +23,6 @@ BUILTIN_PREFIX = "builtin:"
 # The model a request gets when it names none: trained, small, shipped in the package.
 DEFAULT_MODEL = "builtin:pydoc"
 
-_LIST_HINT = "list the loadable models with GET mlx/api/models/available"
 _ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Longer ids cannot name anything: checked before the filesystem says ENAMETOOLONG.
@@ -182,7 +181,7 @@ class ModelResolver:
         name = model_id[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_NAMES:
             known = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)
-            raise ModelNotFoundError(f"unknown model {model_id!r}: built-in models are {known}; {_LIST_HINT}")
+            raise ModelNotFoundError(f"unknown model {model_id!r}: built-in models are {known}", model=model_id)
         return _spec(model_id, builtin_model_path(name), "builtin")
 
     def _resolve_dir(self, model_id: str) -> ModelSpec:
@@ -198,7 +197,8 @@ class ModelResolver:
         raise ModelNotFoundError(
             f"unknown model {model_id!r}: no folder of that name in model_dirs "
             f"({_describe_dirs(self._model_dirs)}) and it is neither a built-in "
-            f"model nor a Hugging Face repo id; {_LIST_HINT}"
+            "model nor a Hugging Face repo id",
+            model=model_id,
         )
 
     def _resolve_hf(self, repo_id: str) -> ModelSpec:
@@ -214,8 +214,8 @@ class ModelResolver:
             )
         raise ModelNotFoundError(
             f"unknown model {repo_id!r}: it is not in the local Hugging Face cache "
-            f"({self._hf_cache}) and downloads are disabled (allow_downloads); "
-            f"{_LIST_HINT}"
+            f"({self._hf_cache}) and downloads are disabled (allow_downloads)",
+            model=repo_id,
         )
 
     def _download(self, repo_id: str) -> Path:
@@ -226,7 +226,8 @@ class ModelResolver:
             path = snapshot_download(repo_id, allow_patterns=_DOWNLOAD_PATTERNS, cache_dir=self._hf_cache)
         except RepositoryNotFoundError as exc:
             raise ModelNotFoundError(
-                f"unknown model {repo_id!r}: no such Hugging Face repo, or it is gated or private ({exc}); {_LIST_HINT}"
+                f"unknown model {repo_id!r}: no such Hugging Face repo, or it is gated or private ({exc})",
+                model=repo_id,
             ) from exc
         except Exception as exc:
             # Network, auth and disk failures all surface as the hub's own message.

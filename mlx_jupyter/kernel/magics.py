@@ -5,18 +5,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import keyword
-import re
-import shlex
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
-from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode, observe
 
 from mlx_jupyter import __version__
 from mlx_jupyter.kernel import client as mlx_client
-from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError, get_client
+from mlx_jupyter.kernel.arguments import HELP, interpolate, parse_options, split
+from mlx_jupyter.kernel.client import (
+    ClientCache,
+    ClientError,
+    Discovery,
+    LocalClient,
+    MLXClient,
+    UnknownModelError,
+    discover,
+)
 from mlx_jupyter.kernel.render import (
     FORMATS,
     LiveAnswer,
@@ -43,10 +51,6 @@ ENGINE_TRAITS = (
     "batch_size",
 )
 DISCOVERY_TRAITS = ("server", "token", "request_timeout")
-_NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
-# {{name}} is an escaped {name}; any other brace (JSON, code, Jinja) is sent as written.
-_VARIABLE = re.compile(rf"\{{\{{({_NAME})\}}\}}|\{{({_NAME})\}}")
-
 LINE_HELP = """\
 %mlx list                        loaded models (state, memory, idle countdown) and loadable ones
 %mlx load [MODEL] [--keep-alive D] load a model now (default: the default model);
@@ -56,84 +60,16 @@ LINE_HELP = """\
 %mlx reset                       forget the --chat conversation
 %mlx version                     the mlx_jupyter version
 %mlx help                        this help; %%mlx --help lists the cell options"""
-
-
-class _ParserExit(Exception):
-    """argparse wanted to exit: after --help (message empty) or on an error."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports through exceptions instead of ending the kernel."""
-
-    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
-        raise _ParserExit(message or "")
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
-
-
-def cell_parser() -> _Parser:
-    parser = _Parser(
-        prog="%%mlx",
-        description="Send the cell to a model as a prompt and stream the answer into the output. "
-        "{name} in the cell is replaced by the variable's value ({{name}} sends {name} as written).",
-        add_help=True,
-    )
-    parser.add_argument("-m", "--model", help="model id (default: MLXMagics.default_model, else the host's default)")
-    parser.add_argument("--max-tokens", type=int, help="most tokens to generate (default: MLXMagics.max_tokens)")
-    parser.add_argument("--temperature", type=float, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-p", type=float, help="nucleus sampling probability mass")
-    parser.add_argument("--seed", type=int, help="random seed, for repeatable sampling")
-    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
-    parser.add_argument("--system", help="system message")
-    parser.add_argument("--chat", action="store_true", help="continue this notebook's conversation (%%mlx reset)")
-    parser.add_argument("--raw", action="store_true", help="send the text as a completion prompt, no chat template")
-    parser.add_argument("-f", "--format", choices=FORMATS, help="how to render the answer (default: markdown)")
-    parser.add_argument("-o", "--output", metavar="VAR", help="also store the result in this variable")
-    parser.add_argument("--keep-alive", metavar="DUR", help="keep the model loaded this long after (10m, 30s, -1)")
-    parser.add_argument("--no-stream", action="store_true", help="show only the final answer")
-    parser.add_argument("--no-interpolate", action="store_true", help="send {name} as written")
-    return parser
-
-
-def line_parser() -> _Parser:
-    parser = _Parser(prog="%mlx", description=LINE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
-    commands.add_parser("list", help="loaded and loadable models")
-    load = commands.add_parser("load", help="load a model")
-    load.add_argument("model", nargs="?", help="model id (default: the default model)")
-    load.add_argument("--keep-alive", metavar="DUR")
-    unload = commands.add_parser("unload", help="unload a model")
-    unload.add_argument("model", nargs="?", help="model id (default: the default model)")
-    for name in ("status", "reset", "version", "help"):
-        commands.add_parser(name)
-    return parser
-
-
-def interpolate(text: str, namespace: dict[str, Any]) -> str:
-    """Replace ``{name}`` / ``{name.attr}`` by values from ``namespace``; unknown names stay as written."""
-
-    def value(match: re.Match[str]) -> str:
-        if match.group(1) is not None:
-            return "{" + match.group(1) + "}"
-        head, *attrs = match.group(2).split(".")
-        if head not in namespace:
-            return match.group(0)
-        obj = namespace[head]
-        for attr in attrs:
-            if not hasattr(obj, attr):
-                return match.group(0)
-            obj = getattr(obj, attr)
-        return str(obj)
-
-    return _VARIABLE.sub(value, text)
+# Each has its method, mlx_<name>.
+COMMANDS = ("list", "load", "unload", "status", "reset", "version", "help")
 
 
 @magics_class
 class MLXMagics(Magics):
     """``%%mlx`` and ``%mlx``; their settings are traits (``%config MLXMagics.default_model = ...``).
 
-    One instance per shell, so the ``--chat`` conversation is per notebook. Every call
+    One instance per shell, so the ``--chat`` conversation is per notebook, and it owns its
+    client, found on first use as the traits say (``server``, ``token``, ...). Every call
     runs on the cell's thread: the stream is read and displayed there, so the kernel's
     interrupt (KeyboardInterrupt) lands in the read and closes the stream.
     """
@@ -181,14 +117,22 @@ class MLXMagics(Magics):
     )
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
+        # Before the traits take their configured values: their observers reach the cache.
+        self._clients = ClientCache(self._discover)
         super().__init__(shell, **kwargs)
         self.history: list[dict[str, str]] = []
         self.chat_system: str | None = None
-        self._cell_parser = cell_parser()
-        self._line_parser = line_parser()
-        self._configure_discovery()
 
-    # -- configuration ------------------------------------------------------------
+    # -- the client ---------------------------------------------------------------
+
+    @property
+    def client(self) -> MLXClient:
+        """This shell's model host, found on first use (``get_client()`` gives the same)."""
+        return self._clients.get()
+
+    def close(self) -> None:
+        """Close the client (a local engine stops its workers); the next call looks again."""
+        self._clients.reset()
 
     def local_settings(self) -> dict[str, Any]:
         # Always set, so that clearing default_model takes a running engine back to its own default.
@@ -196,76 +140,138 @@ class MLXMagics(Magics):
             "default_model": self.default_model or mlx_client.ENGINE_DEFAULT_MODEL
         }
 
-    def _configure_discovery(self) -> None:
-        mlx_client.discovery.server = self.server
-        mlx_client.discovery.token = self.token
-        mlx_client.discovery.timeout = self.request_timeout
-        mlx_client.discovery.local = self.local_settings()
+    def _discover(self) -> MLXClient:
+        return discover(Discovery(self.server, self.token, self.request_timeout, self.local_settings()))
 
     @observe(*DISCOVERY_TRAITS)
     def _discovery_changed(self, change: dict[str, Any]) -> None:
-        self._configure_discovery()
-        mlx_client.reset_client()  # the next call looks for its host again
+        self._clients.reset()  # the next call looks for its host again
 
     @observe(*ENGINE_TRAITS, "default_model")
     def _engine_changed(self, change: dict[str, Any]) -> None:
-        self._configure_discovery()
-        current = mlx_client.current_client()
+        current = self._clients.current()
         if isinstance(current, LocalClient):
             current.reconfigure(**self.local_settings())
 
-    # -- %%mlx and %mlx -----------------------------------------------------------
+    # -- %mlx -------------------------------------------------------------------------
 
-    @line_cell_magic
-    def mlx(self, line: str, cell: str | None = None) -> Any:
-        """Ask a local MLX model (``%%mlx --help``), or manage models (``%mlx help``)."""
+    @magic_arguments(name="mlx")
+    @kwds(description=LINE_HELP)
+    @HELP
+    @argument("command", nargs="?", default="help", choices=COMMANDS, help="what to do (default: help)")
+    @argument("args", nargs=argparse.REMAINDER, help="the subcommand's arguments (%%mlx COMMAND --help)")
+    @line_magic("mlx")
+    def mlx_line(self, line: str) -> None:
+        """Manage models (``%mlx help``); each subcommand is the method ``mlx_<subcommand>``."""
+        args = parse_options(self.mlx_line, split(line))
+        if args is None:
+            return
+        command = getattr(self, f"mlx_{args.command}")
+        options = parse_options(command, args.args)
+        if options is not None:
+            command(options)
+
+    @magic_arguments(name="mlx help")
+    @HELP
+    def mlx_help(self, args: argparse.Namespace) -> None:
+        """The subcommands of %mlx."""
+        print(LINE_HELP)
+
+    @magic_arguments(name="mlx version")
+    @HELP
+    def mlx_version(self, args: argparse.Namespace) -> None:
+        """The mlx_jupyter version."""
+        print(f"mlx_jupyter {__version__}")
+
+    @magic_arguments(name="mlx reset")
+    @HELP
+    def mlx_reset(self, args: argparse.Namespace) -> None:
+        """Forget the --chat conversation (and its system message)."""
+        self.history.clear()
+        self.chat_system = None
+        print("conversation cleared")
+
+    @magic_arguments(name="mlx status")
+    @HELP
+    def mlx_status(self, args: argparse.Namespace) -> None:
+        """Which host serves this kernel, its health, and the live model dashboard."""
+        client = self.client
+        print(health_line(client))
+        render_status(client)  # the live dashboard; a text snapshot where no widget frontend runs
+
+    @magic_arguments(name="mlx list")
+    @HELP
+    def mlx_list(self, args: argparse.Namespace) -> None:
+        """Loaded models (state, pid, memory, idle countdown), then the loadable ones."""
+        client = self.client
+        print(f"loaded ({client.host}):\n{loaded_table(client.models())}\n")
+        print(f"available:\n{available_table(client.available())}")
+
+    @magic_arguments(name="mlx load")
+    @HELP
+    @argument("model", nargs="?", help="model id (default: the default model)")
+    @argument("--keep-alive", metavar="DUR", help="keep it loaded this long when idle (10m, 30s, 0, -1 = forever)")
+    def mlx_load(self, args: argparse.Namespace) -> None:
+        """Load a model now."""
         try:
-            if cell is None:
-                return self._line(line)
-            return self._cell(line, cell)
-        except _ParserExit as done:
-            if str(done):
-                raise UsageError(str(done).strip()) from None
-            return None
+            status = self.client.load(self._model(args.model), args.keep_alive)
+        except UnknownModelError as exc:
+            raise self._with_model_ids(exc) from None
+        print(f"{status['id']} loaded (pid {status['pid']}, {megabytes(status['memory_bytes'])})")
 
-    def _line(self, line: str) -> Any:
-        args = self._line_parser.parse_args(_split(line))
-        command = args.command or "help"
-        if command == "help":
-            print(LINE_HELP)
-        elif command == "version":
-            print(f"mlx_jupyter {__version__}")
-        elif command == "reset":
-            self.history.clear()
-            self.chat_system = None
-            print("conversation cleared")
-        elif command == "status":
-            client = get_client()
-            print(health_line(client))
-            render_status(client)  # the live dashboard; a text snapshot where no widget frontend runs
-        elif command == "list":
-            client = get_client()
-            print(f"loaded ({client.host}):\n{loaded_table(client.models())}\n")
-            print(f"available:\n{available_table(client.available())}")
-        elif command == "load":
-            status = self._with_models_hint(get_client().load, self._model(args.model), args.keep_alive)
-            print(f"{status['id']} loaded (pid {status['pid']}, {megabytes(status['memory_bytes'])})")
-        elif command == "unload":
-            model = self._model(args.model)
-            try:
-                status = get_client().unload(model)
-            except UnknownModelError as exc:  # the host's text points at its REST route; name the loaded ones
-                loaded = ", ".join(m["id"] for m in get_client().models()["models"]) or "none"
-                raise UnknownModelError(f"model {model!r} is not loaded; loaded: {loaded}", exc.code) from None
-            print(f"{status['id']} unloaded")
-        return None
+    @magic_arguments(name="mlx unload")
+    @HELP
+    @argument("model", nargs="?", help="model id (default: the default model)")
+    def mlx_unload(self, args: argparse.Namespace) -> None:
+        """Unload a model once its running requests end."""
+        try:
+            status = self.client.unload(self._model(args.model))
+        except UnknownModelError as exc:
+            raise self._with_model_ids(exc) from None
+        print(f"{status['id']} unloaded")
 
     def _model(self, model: str | None) -> str:
         """``model``, else MLXMagics.default_model, else the host's default model."""
-        return model or self.default_model or get_client().health()["default_model"]
+        return model or self.default_model or self.client.health()["default_model"]
 
-    def _cell(self, line: str, cell: str) -> None:
-        args = self._cell_parser.parse_args(_split(line))
+    def _with_model_ids(self, exc: UnknownModelError) -> ClientError:
+        """The error with the ids to choose from: the loaded ones, or the loadable ones."""
+        try:
+            if exc.loaded is not None:
+                return exc.with_hint(f"loaded: {', '.join(exc.loaded) or 'none'}")
+            ids = [m["id"] for m in self.client.available()]
+        except ClientError:
+            return exc
+        return exc.with_hint(f"available: {', '.join(ids) or 'none'}")
+
+    # -- %%mlx ------------------------------------------------------------------------
+
+    @magic_arguments(name="%mlx")
+    @HELP
+    @argument("-m", "--model", help="model id (default: MLXMagics.default_model, else the host's default)")
+    @argument("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: MLXMagics.max_tokens)")
+    @argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 = greedy")
+    @argument("--top-p", type=float, metavar="P", help="nucleus sampling probability mass")
+    @argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
+    @argument("--stop", action="append", metavar="STR", help="stop string (repeatable)")
+    @argument("--system", metavar="TEXT", help="system message")
+    @argument("--chat", action="store_true", help="continue this notebook's conversation (%%mlx reset)")
+    @argument("--raw", action="store_true", help="send the text as a completion prompt, no chat template")
+    @argument("-f", "--format", choices=FORMATS, metavar="FORMAT", help=f"how to show the answer: {', '.join(FORMATS)}")
+    @argument("-o", "--output", metavar="VAR", help="also store the result in this variable")
+    @argument("--keep-alive", metavar="DUR", help="keep the model loaded this long after (10m, 30s, -1)")
+    @argument("--no-stream", action="store_true", help="show only the final answer")
+    @argument("--no-interpolate", action="store_true", help="send {name} as written")
+    @cell_magic("mlx")
+    def mlx_cell(self, line: str, cell: str) -> None:
+        """Send the cell to a model as a prompt and stream the answer into the output.
+
+        {name} in the cell is replaced by the variable's value ({{name}} sends {name} as written).
+        The result is kept in _mlx (an MLXResult), and with -o VAR in VAR too.
+        """
+        args = parse_options(self.mlx_cell, split(line))
+        if args is None:
+            return
         if args.output is not None and not (args.output.isidentifier() and not keyword.iskeyword(args.output)):
             raise UsageError(f"%%mlx: -o {args.output!r} is not a variable name")
         text = cell.strip()
@@ -275,7 +281,7 @@ class MLXMagics(Magics):
             text = interpolate(text, self.shell.user_ns)
         request = self._request(args, text)
         fmt = args.format or self.format
-        client = get_client()
+        client = self.client
         live = LiveAnswer(fmt, not args.no_stream, self.updates_per_second)
         pieces: list[str] = []
         final: dict[str, Any] = {}
@@ -293,7 +299,7 @@ class MLXMagics(Magics):
             self._finish(live, args, request, "".join(pieces), {}, fmt, note="interrupted")
             raise
         except UnknownModelError as exc:
-            raise self._models_hint(exc) from None
+            raise self._with_model_ids(exc) from None
         except ClientError:
             if pieces:  # what arrived before the failure stays visible
                 live.update("".join(pieces), force=True)
@@ -370,28 +376,6 @@ class MLXMagics(Magics):
             self.shell.user_ns[args.output] = result
         return result
 
-    def _with_models_hint(self, fn: Any, *args: Any) -> Any:
-        try:
-            return fn(*args)
-        except UnknownModelError as exc:
-            raise self._models_hint(exc) from None
-
-    def _models_hint(self, exc: UnknownModelError) -> UnknownModelError:
-        """The error, with the loadable model ids in place of a pointer to the REST route."""
-        try:
-            ids = [m["id"] for m in get_client().available()]
-        except ClientError:
-            return exc
-        message = str(exc).split("; list the loadable", 1)[0].split(": see GET", 1)[0]
-        return UnknownModelError(f"{message}; available: {', '.join(ids) or 'none'}", exc.code, exc.status)
-
-
-def _split(line: str) -> list[str]:
-    try:
-        return shlex.split(line)
-    except ValueError as exc:
-        raise UsageError(f"cannot parse the options {line!r}: {exc}") from None
-
 
 def load_ipython_extension(shell: InteractiveShell) -> None:
     """``%load_ext mlx_jupyter``: register the magics (the client is found on first use)."""
@@ -399,4 +383,6 @@ def load_ipython_extension(shell: InteractiveShell) -> None:
 
 
 def unload_ipython_extension(shell: InteractiveShell) -> None:
-    mlx_client.reset_client()
+    magics = shell.magics_manager.registry.get("MLXMagics")
+    if magics is not None:
+        magics.close()

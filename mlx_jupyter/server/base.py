@@ -15,7 +15,7 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.extension.handler import ExtensionHandlerMixin
 from tornado import web
 
-from mlx_jupyter.engine.errors import InvalidRequestError, MLXError
+from mlx_jupyter.engine.errors import ErrorDetails, MLXError, ModelNotFoundError
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.server.metrics import REQUESTS
 
@@ -28,25 +28,12 @@ CLIENT_CLOSED = 499
 
 T = TypeVar("T")
 
-# Engine error code -> HTTP status.
-HTTP_STATUS = {
-    "invalid_request": 400,
-    "invalid_model": 400,
-    "context_length_exceeded": 400,
-    "memory_limit_exceeded": 400,
-    "model_not_found": 404,
-    "model_load_failed": 500,
-    "all_models_busy": 503,
-    "shutting_down": 503,
-    "model_unloaded": 503,
-    "worker_crashed": 502,
-    "worker_timeout": 504,
-    "unload_pending": 409,
-    "cancelled": 499,
-}
 RETRY_AFTER_S = 5
 # Errors after which the same request may succeed once the server has room again.
 RETRY_LATER = {"all_models_busy", "server_busy"}
+# What this API adds to a model_not_found error: where to look (the magics list the ids instead).
+LOADED_HINT = "see GET mlx/api/models"
+AVAILABLE_HINT = "list the loadable models with GET mlx/api/models/available"
 
 
 def error_type(status: int) -> str:
@@ -60,24 +47,43 @@ def error_type(status: int) -> str:
     return "invalid_request_error" if status < 500 else "server_error"
 
 
-class APIError(web.HTTPError):
-    """An error answered as ``{"error": {"message", "type", "code"}}``."""
+def route_hint(exc: MLXError) -> str | None:
+    """Where this API's client finds what the error is about, from the error's data."""
+    if isinstance(exc, ModelNotFoundError):
+        return LOADED_HINT if exc.loaded is not None else AVAILABLE_HINT
+    return None
 
-    def __init__(self, status: int, message: str, code: str) -> None:
+
+class APIError(ErrorDetails, web.HTTPError):
+    """An error answered as ``{"error": {"message", "type", "code", ...}}``.
+
+    Args:
+        status: the HTTP status.
+        message: what is wrong; ``hint``, when given, is added to it and sent on its own too,
+            so that a client with a hint of its own can leave this one out.
+        code: the machine-readable cause.
+        details: the error's data (``engine.errors.DETAILS``), sent as fields of the body.
+    """
+
+    def __init__(self, status: int, message: str, code: str, hint: str | None = None, **details: Any) -> None:
+        message = f"{message}; {hint}" if hint else message
         # tornado logs log_message as a %-format: a '%' in a model id must stay text.
         super().__init__(status, log_message=message.replace("%", "%%"))
         self.message = message
         self.code = code
+        self.hint = hint
+        self._set_details(details)
 
     @classmethod
     def from_engine(cls, exc: MLXError) -> APIError:
-        # A bound the engine adds under a code of its own is still the client's error.
-        status = HTTP_STATUS.get(exc.code) or (400 if isinstance(exc, InvalidRequestError) else 500)
-        return cls(status, str(exc), exc.code)
+        return cls(exc.status, str(exc), exc.code, route_hint(exc), **exc.details())
 
 
 def error_body(error: APIError) -> dict[str, Any]:
-    return {"error": {"message": error.message, "type": error_type(error.status_code), "code": error.code}}
+    body = {"message": error.message, "type": error_type(error.status_code), "code": error.code}
+    if error.hint:
+        body["hint"] = error.hint
+    return {"error": body | error.details()}
 
 
 def _all_text_is_unicode(data: Any) -> bool:
@@ -145,7 +151,8 @@ class MLXHandler(ExtensionHandlerMixin, APIHandler):
         body = self.request.body
         if len(body) > self.limits["max_body_bytes"]:
             limit = self.limits["max_body_bytes"]
-            raise APIError(413, f"request body is {len(body)} bytes; the limit is {limit}", "body_too_large")
+            message = f"request body is {len(body)} bytes; the limit is {limit}"
+            raise APIError(413, message, "body_too_large", limit=limit, value=len(body))
         try:
             data = json.loads(body or b"null")
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:

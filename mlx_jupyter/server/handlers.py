@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from importlib.resources import files
 from typing import Any
@@ -12,6 +11,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
+from mlx_jupyter import sse
 from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.engine.types import GenerationChunk
 from mlx_jupyter.server.base import APIError, MLXHandler, error_body
@@ -81,9 +81,7 @@ class StreamingMixin:
         self.set_header("X-Accel-Buffering", "no")  # type: ignore[attr-defined]
 
     async def send_event(self, data: Any, event: str | None = None) -> None:
-        prefix = f"event: {event}\n" if event else ""
-        payload = data if isinstance(data, str) else json.dumps(data)
-        self.write(f"{prefix}data: {payload}\n\n")  # type: ignore[attr-defined]
+        self.write(sse.encode(data, event))  # type: ignore[attr-defined]
         await self.flush()  # type: ignore[attr-defined]
 
     def on_connection_close(self) -> None:
@@ -221,17 +219,17 @@ class EventsHandler(MLXHandler):
             self.set_header("Content-Type", "text/event-stream")
             self.set_header("Cache-Control", "no-cache")
             snapshot = {"server_time": time.time(), "models": [s.to_dict() for s in statuses]}
-            self.write(f"event: snapshot\ndata: {json.dumps(snapshot)}\n\n")
+            self.write(sse.encode(snapshot, "snapshot"))
             await self.flush()
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), EVENTS_PING_S)
                 except asyncio.TimeoutError:
-                    self.write(": ping\n\n")  # finds clients that left without a FIN
+                    self.write(sse.comment("ping"))  # finds clients that left without a FIN
                 else:
                     if event is None:
                         break
-                    self.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n")
+                    self.write(sse.encode(event, event["type"]))
                 await self.flush()
         except StreamClosedError:
             return

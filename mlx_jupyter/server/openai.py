@@ -10,6 +10,7 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 from tornado.iostream import StreamClosedError
 
+from mlx_jupyter import sse
 from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.server.base import APIError, MLXHandler, error_body
 from mlx_jupyter.server.handlers import StreamingMixin, without_nulls
@@ -107,7 +108,7 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
             return
         except MLXError as exc:
             await self.send_event(error_body(APIError.from_engine(exc)))
-        await self.send_event("[DONE]")
+        await self.send_event(sse.DONE)
         self.finish()
 
 

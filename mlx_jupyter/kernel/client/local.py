@@ -1,0 +1,101 @@
+"""An engine hosted in the kernel: a WorkerManager (and so its idle reaper), for kernels with no server."""
+
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from mlx_jupyter.engine import EngineSettings, MLXError, WorkerManager
+from mlx_jupyter.kernel.client.base import MLXClient
+from mlx_jupyter.kernel.client.errors import error_from_engine
+
+# What an empty MLXMagics.default_model gives a kernel-hosted engine: the engine's own default.
+ENGINE_DEFAULT_MODEL: str = EngineSettings.default_model.default_value
+
+
+class LocalClient(MLXClient):
+    """Hosts a WorkerManager (and so its idle reaper) in this kernel; it stops at kernel exit.
+
+    The engine is created on first use, so loading the magics starts nothing; worker
+    processes start only when a model is asked for. ``reconfigure`` applies changed settings
+    to a running engine, which reads them at its next decision.
+    """
+
+    host = "this kernel (local engine)"
+
+    def __init__(self, settings: dict[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+        self._manager: WorkerManager | None = None
+        self._lock = threading.Lock()  # guards the lazy start only; never held across engine calls
+        atexit.register(self.close)
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    @property
+    def manager(self) -> WorkerManager:
+        with self._lock:
+            if self._manager is None:
+                self._manager = WorkerManager(**self.settings)
+            return self._manager
+
+    def reconfigure(self, **settings: Any) -> None:
+        """Apply new settings; a running engine takes them for its next decision."""
+        self.settings.update(settings)
+        manager = self._manager
+        if manager is not None:
+            for name, value in settings.items():
+                setattr(manager.settings, name, value)  # the manager observes what needs more than a read
+
+    def health(self) -> dict[str, Any]:
+        return self._engine(self.manager.health)
+
+    def models(self) -> dict[str, Any]:
+        statuses = self._engine(self.manager.status)
+        return {"server_time": time.time(), "models": [s.to_dict() for s in statuses]}
+
+    def available(self) -> list[dict[str, Any]]:
+        specs = self._engine(self.manager.resolver.available)
+        return [s.to_dict() for s in specs]
+
+    def load(self, model: str, keep_alive: str | float | None = None) -> dict[str, Any]:
+        return self._engine(self.manager.load, model, keep_alive).to_dict()
+
+    def unload(self, model: str) -> dict[str, Any]:
+        return self._engine(self.manager.unload, model).to_dict()
+
+    def generate(self, request: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        request = {k: v for k, v in request.items() if k != "stream"}
+        manager = self.manager
+        chunks = self._engine(manager.stream_generate, **request)
+        return self._chunks(chunks, request.get("model") or manager.default_model)
+
+    def close(self) -> None:
+        atexit.unregister(self.close)
+        with self._lock:
+            manager, self._manager = self._manager, None
+        if manager is not None:
+            manager.shutdown()
+
+    def _chunks(self, chunks: Iterator[Any], model: str) -> Iterator[dict[str, Any]]:
+        try:
+            for chunk in chunks:
+                if chunk.finish_reason is None:
+                    yield {"text": chunk.text}
+                else:
+                    yield chunk.final_event(model)
+        except MLXError as exc:
+            raise error_from_engine(exc) from None
+        finally:
+            chunks.close()  # cancels the worker-side generation when we leave early
+
+    @staticmethod
+    def _engine(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except MLXError as exc:
+            raise error_from_engine(exc) from None
