@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mlx_jupyter.engine import EngineSettings, MLXError, WorkerManager
+from mlx_jupyter.engine.generation import GenerationStream
 from mlx_jupyter.kernel.client.base import MLXClient
 from mlx_jupyter.kernel.client.errors import error_from_engine
 
@@ -72,7 +73,7 @@ class LocalClient(MLXClient):
         request = {k: v for k, v in request.items() if k != "stream"}
         manager = self.manager
         chunks = self._engine(manager.stream_generate, **request)
-        return self._chunks(chunks, request.get("model") or manager.default_model)
+        return _Events(chunks, request.get("model") or manager.default_model)
 
     def close(self) -> None:
         atexit.unregister(self.close)
@@ -81,21 +82,31 @@ class LocalClient(MLXClient):
         if manager is not None:
             manager.shutdown()
 
-    def _chunks(self, chunks: Iterator[Any], model: str) -> Iterator[dict[str, Any]]:
-        try:
-            for chunk in chunks:
-                if chunk.finish_reason is None:
-                    yield {"text": chunk.text}
-                else:
-                    yield chunk.final_event(model)
-        except MLXError as exc:
-            raise error_from_engine(exc) from None
-        finally:
-            chunks.close()  # cancels the worker-side generation when we leave early
-
     @staticmethod
     def _engine(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except MLXError as exc:
             raise error_from_engine(exc) from None
+
+
+class _Events(Iterator[dict[str, Any]]):
+    """The local engine's stream as native events (as the REST API sends them); ``close()`` cancels it.
+
+    No generator with a ``finally``: one dropped in a reference cycle would close the stream in
+    whatever thread the garbage collector runs; the engine's stream hands that to its janitor.
+    """
+
+    def __init__(self, chunks: GenerationStream, model: str) -> None:
+        self._chunks = chunks
+        self._model = model
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._chunks).event(self._model)
+        except MLXError as exc:
+            raise error_from_engine(exc) from None
+
+    def close(self) -> None:
+        """Cancel the generation in the worker when the caller leaves early."""
+        self._chunks.close()
