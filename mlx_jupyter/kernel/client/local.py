@@ -5,7 +5,7 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from mlx_jupyter.engine import EngineSettings, MLXError, WorkerManager
@@ -21,14 +21,14 @@ class LocalClient(MLXClient):
     """Hosts a WorkerManager (and so its idle reaper) in this kernel; it stops at kernel exit.
 
     The engine is created on first use, so loading the magics starts nothing; worker
-    processes start only when a model is asked for. ``reconfigure`` applies changed settings
-    to a running engine, which reads them at its next decision.
+    processes start only when a model is asked for. It reads ``settings`` at each decision,
+    so a changed setting (the magics link theirs to it) reaches a running engine.
     """
 
     host = "this kernel (local engine)"
 
-    def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
+    def __init__(self, settings: EngineSettings | Mapping[str, Any] | None = None) -> None:
+        self.settings = settings if isinstance(settings, EngineSettings) else EngineSettings(**(settings or {}))
         self._manager: WorkerManager | None = None
         self._lock = threading.Lock()  # guards the lazy start only; never held across engine calls
         atexit.register(self.close)
@@ -41,16 +41,8 @@ class LocalClient(MLXClient):
     def manager(self) -> WorkerManager:
         with self._lock:
             if self._manager is None:
-                self._manager = WorkerManager(**self.settings)
+                self._manager = WorkerManager(self.settings)
             return self._manager
-
-    def reconfigure(self, **settings: Any) -> None:
-        """Apply new settings; a running engine takes them for its next decision."""
-        self.settings.update(settings)
-        manager = self._manager
-        if manager is not None:
-            for name, value in settings.items():
-                setattr(manager.settings, name, value)  # the manager observes what needs more than a read
 
     def health(self) -> dict[str, Any]:
         return self._engine(self.manager.health)
