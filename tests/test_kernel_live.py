@@ -184,7 +184,9 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
         # That proves the cancel without racing the answer's natural end against a clock.
         tokens = 'mlx_generated_tokens_total{model="builtin:tiny"}'
         tokens_before = metric(server, tokens)
-        msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
+        # stop_on_error=False: the interrupt fails this cell, and ipykernel would abort a request
+        # that arrives right after it (the next cell of this test).
+        msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello", stop_on_error=False)  # max_tokens_limit is 8192
         assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
             "the generation did not start on the server"
         )
@@ -421,7 +423,7 @@ def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_
             "pid = get_client().load('builtin:tiny')['pid']"
         )
         assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
-        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 8000\nHello")
+        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 8000\nHello", stop_on_error=False)
         while True:  # the first streamed display proves the generation is running
             msg = kc.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":

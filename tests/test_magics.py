@@ -196,7 +196,7 @@ def test_each_magics_instance_owns_its_client_and_get_client_gives_the_shells(sh
         other.server = "auto"  # another instance's setting: its own client goes, the shell's stays
         assert other.client is not theirs and magics.client is mine
         shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
-        assert mine.settings["max_loaded_models"] == 3 and other.max_loaded_models == 2
+        assert mine.settings.max_loaded_models == 3 and other.max_loaded_models == 2
     finally:
         other.close()
 

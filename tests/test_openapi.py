@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from importlib.resources import files
 from typing import Any
 
 import pytest
@@ -15,12 +14,14 @@ from openapi_spec_validator import validate as validate_spec
 
 import mlx_jupyter
 from mlx_jupyter import sse
+from mlx_jupyter.engine.request import field_default, field_specs
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
+from mlx_jupyter.server.openapi import openapi_document
 from tests.helpers import child_pids, wait_for
 
 TINY = "builtin:tiny"
-SPEC: dict[str, Any] = json.loads(files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8"))
+SPEC: dict[str, Any] = json.loads(openapi_document())
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 ROUTES = handlers.routes() + openai.routes()
 
@@ -161,6 +162,20 @@ def test_every_schema_is_used_and_every_example_is_valid():
 
 
 # -- real answers ----------------------------------------------------------------------------
+
+
+def test_every_request_field_is_in_the_document_as_generation_request_declares_it():
+    native = SPEC["components"]["schemas"]["GenerateRequest"]["properties"]
+    chat = SPEC["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for name, spec in field_specs().items():
+        schema = native[name]
+        assert schema["description"] == spec.help
+        for bound in ("minimum", "maximum", "type"):
+            assert schema.get(bound) == spec.schema.get(bound), (name, bound)
+        default = field_default(name)
+        assert schema.get("default", default if default in (None, []) else "missing") == default, name
+        for key in spec.openai:
+            assert chat[key]["description"] == spec.help and chat[key]["nullable"], key
 
 
 async def test_the_served_document_is_this_one(jp_fetch):

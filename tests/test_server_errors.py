@@ -233,3 +233,18 @@ def test_any_invalid_request_error_of_the_engine_is_a_400_whatever_its_code():
     assert (error.status_code, error.code) == (400, "some_new_bound")
     assert error_body(error)["error"]["type"] == "invalid_request_error"
     assert APIError.from_engine(MLXError("something broke")).status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "limit", "value"),
+    [
+        ({"prompt": "hi", "max_tokens": 5000}, "max_tokens", 1000, 5000),
+        ({"prompt": "hi", "stop": ["s"] * 17}, "stop", 16, 17),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature", None, None),
+    ],
+)
+async def test_a_bound_error_names_the_field_the_bound_and_the_value_in_its_data(jp_fetch, body, param, limit, value):
+    response = await post(jp_fetch, "mlx/api/generate", body)
+    error = json.loads(response.body)["error"]
+    assert response.code == 400 and error["param"] == param
+    assert error.get("limit") == limit and error.get("value") == value

@@ -40,3 +40,23 @@ def test_c_mlxextension_settings_reach_the_servers_engine(jp_serverapp):
     assert manager.settings.max_loaded_models == 3
     assert manager.settings.unload_timeout == 7.5
     assert manager.settings.watchdog_threshold == 4.0
+
+
+def test_the_magics_inherit_every_engine_setting_but_their_own_default_model():
+    from mlx_jupyter.kernel.magics import MLXMagics
+
+    for name in setting_names():
+        if name != "default_model":  # theirs: empty means the host's default
+            assert getattr(MLXMagics, name) is getattr(EngineSettings, name), f"MLXMagics declares {name} again"
+
+
+def test_config_reaches_a_running_kernel_engine(shell):
+    from mlx_jupyter.kernel.client import get_client
+
+    manager = get_client().manager
+    shell.run_line_magic("config", "MLXMagics.queue_timeout = 12.5")
+    shell.run_line_magic("config", "MLXMagics.model_dirs = ['/nowhere']")
+    assert manager.settings.queue_timeout == 12.5
+    assert [str(d) for d in manager.resolver._model_dirs] == ["/nowhere"], "the engine's model sources follow"
+    shell.run_line_magic("config", "MLXMagics.default_model = ''")
+    assert manager.default_model == EngineSettings.default_model.default_value

@@ -28,7 +28,9 @@ def parse_keep_alive(value: Any) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise InvalidRequestError(f"keep_alive must be a duration such as '5m' or seconds, not {value!r}")
+        raise InvalidRequestError(
+            f"keep_alive must be a duration such as '5m' or seconds, not {value!r}", param="keep_alive"
+        )
     if isinstance(value, int):
         seconds = float(min(max(value, -1), KEEP_ALIVE_FOREVER_S))  # a 5,000-digit int is no float
     elif isinstance(value, float):
@@ -37,16 +39,19 @@ def parse_keep_alive(value: Any) -> float | None:
         match = _KEEP_ALIVE.fullmatch(value.strip().lower())
         if match is None:
             raise InvalidRequestError(
-                f"keep_alive {value[:40]!r} is not a duration: use seconds or forms like '30s', '10m', '1h30m', '-1'"
+                f"keep_alive {value[:40]!r} is not a duration: use seconds or forms like '30s', '10m', '1h30m', '-1'",
+                param="keep_alive",
             )
         sign, body = match.groups()
         parts = _DURATION.findall(body)
         magnitude = sum(float(n) * _UNIT_S[u] for n, u in parts) if parts else float(body)
         seconds = -magnitude if sign == "-" else magnitude
     else:
-        raise InvalidRequestError(f"keep_alive must be a duration such as '5m' or seconds, not {type(value).__name__}")
+        raise InvalidRequestError(
+            f"keep_alive must be a duration such as '5m' or seconds, not {type(value).__name__}", param="keep_alive"
+        )
     if math.isnan(seconds):
-        raise InvalidRequestError(f"keep_alive {value!r} is not a duration")
+        raise InvalidRequestError(f"keep_alive {value!r} is not a duration", param="keep_alive")
     if seconds < 0 or seconds >= KEEP_ALIVE_FOREVER_S:
         return -1.0
     return seconds

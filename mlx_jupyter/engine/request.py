@@ -66,9 +66,15 @@ def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> Che
         top = limits.max_tokens if hi is None else hi
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise InvalidRequestError(f"{name} must be {'an integer' if integer else 'a number'}, not {_show(value)}")
+            raise InvalidRequestError(
+                f"{name} must be {'an integer' if integer else 'a number'}, not {_show(value)}", param=name
+            )
         if not (lo <= value <= top) or (not integer and not math.isfinite(value)):
-            raise InvalidRequestError(f"{name} must be between {lo:g} and {top:g}, not {_show(value)}")
+            limit = top if value > top else lo
+            shown = value if abs(value) < 2**53 else None  # JSON keeps a number exact only so far
+            raise InvalidRequestError(
+                f"{name} must be between {lo:g} and {top:g}, not {_show(value)}", param=name, limit=limit, value=shown
+            )
         return value if integer else float(value)
 
     return check
@@ -76,26 +82,26 @@ def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> Che
 
 def _model(name: str, value: Any, limits: Limits) -> str:
     if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"model must be a non-empty string, not {_show(value)}")
+        raise InvalidRequestError(f"model must be a non-empty string, not {_show(value)}", param=name)
     return value
 
 
 def _prompt(name: str, value: Any, limits: Limits) -> str:
     if not isinstance(value, str) or not value:
-        raise InvalidRequestError("prompt must be a non-empty string")
+        raise InvalidRequestError("prompt must be a non-empty string", param=name)
     return value
 
 
 def _messages(name: str, value: Any, limits: Limits) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects")
+        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects", param=name)
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}] must be an object with a string 'content'")
+            raise InvalidRequestError(f"messages[{i}] must be an object with a string 'content'", param=name)
         if m.get("role") not in ROLES:
             raise InvalidRequestError(
-                f"messages[{i}].role {_show(m.get('role'))} is not supported: use one of {', '.join(ROLES)}"
+                f"messages[{i}].role {_show(m.get('role'))} is not supported: use one of {', '.join(ROLES)}", param=name
             )
         out.append({"role": m["role"], "content": m["content"]})
     return out
@@ -104,12 +110,22 @@ def _messages(name: str, value: Any, limits: Limits) -> list[dict[str, str]]:
 def _stops(name: str, value: Any, limits: Limits) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise InvalidRequestError("stop must be a non-empty string or a list of them")
+        raise InvalidRequestError("stop must be a non-empty string or a list of them", param=name)
     if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}")
+        raise InvalidRequestError(
+            f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}",
+            param=name,
+            limit=MAX_STOP_STRINGS,
+            value=len(stops),
+        )
     longest = max((len(s) for s in stops), default=0)
     if longest > MAX_STOP_CHARS:
-        raise InvalidRequestError(f"a stop string is {longest} characters long; the limit is {MAX_STOP_CHARS}")
+        raise InvalidRequestError(
+            f"a stop string is {longest} characters long; the limit is {MAX_STOP_CHARS}",
+            param=name,
+            limit=MAX_STOP_CHARS,
+            value=longest,
+        )
     return list(stops)
 
 
@@ -225,14 +241,20 @@ class GenerationRequest:
         specs = field_specs()
         unknown = sorted(set(values) - set(specs))
         if unknown:
-            raise InvalidRequestError(f"unknown fields {unknown}: accepted are {', '.join(specs)}")
+            raise InvalidRequestError(f"unknown fields {unknown}: accepted are {', '.join(specs)}", param=unknown[0])
         given = {name: specs[name].check(name, value, limits) for name, value in values.items() if value is not None}
         given.setdefault("max_tokens", min(field_default("max_tokens"), limits.max_tokens))  # a default within bounds
         if ("prompt" in given) == ("messages" in given):
             raise InvalidRequestError("give exactly one of prompt or messages")
         chars = len(given["prompt"]) if "prompt" in given else sum(len(m["content"]) for m in given["messages"])
         if chars > limits.max_prompt_chars:
-            raise PromptTooLargeError(f"the prompt is {chars} characters; the limit is {limits.max_prompt_chars}")
+            limit = limits.max_prompt_chars
+            raise PromptTooLargeError(
+                f"the prompt is {chars} characters; the limit is {limit}",
+                param="messages" if "messages" in given else "prompt",
+                limit=limit,
+                value=chars,
+            )
         return cls(**given)
 
     def worker_message(self) -> dict[str, Any]:

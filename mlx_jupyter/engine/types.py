@@ -24,8 +24,11 @@ class GenerationChunk:
     usage: dict[str, int] | None = None
     timings: dict[str, Any] | None = None
 
-    def final_event(self, model: str) -> dict[str, Any]:
-        """The last event of a native stream (``POST mlx/api/generate``), as the REST API and kernel clients send it."""
+    def event(self, model: str) -> dict[str, Any]:
+        """This chunk as an event of a native stream (``POST mlx/api/generate``), as the REST API and
+        the kernel's local engine send it: ``{"text"}``, and a last one with the answer's details."""
+        if self.finish_reason is None:
+            return {"text": self.text}
         return {
             "model": model,
             "text": self.text,

@@ -11,16 +11,17 @@ from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, kwds, magic_arguments
-from traitlets import Bool, CaselessStrEnum, Float, Int, List, Unicode, observe
+from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, dlink, observe
 
 from mlx_jupyter import __version__
+from mlx_jupyter.engine.request import field_default
+from mlx_jupyter.engine.settings import EngineSettings, setting_names
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import HELP, interpolate, parse_options, split
 from mlx_jupyter.kernel.client import (
     ClientCache,
     ClientError,
     Discovery,
-    LocalClient,
     MLXClient,
     UnknownModelError,
     discover,
@@ -38,18 +39,6 @@ from mlx_jupyter.kernel.render import (
 )
 from mlx_jupyter.kernel.widgets import render_status
 
-# Traits that configure a kernel-hosted engine, named as on MLXExtension.
-ENGINE_TRAITS = (
-    "idle_timeout",
-    "max_loaded_models",
-    "memory_limit",
-    "model_dirs",
-    "allow_downloads",
-    "queue_timeout",
-    "first_token_timeout",
-    "token_timeout",
-    "batch_size",
-)
 DISCOVERY_TRAITS = ("server", "token", "request_timeout")
 LINE_HELP = """\
 %mlx list                        loaded models (state, memory, idle countdown) and loadable ones
@@ -65,17 +54,25 @@ COMMANDS = ("list", "load", "unload", "status", "reset", "version", "help")
 
 
 @magics_class
-class MLXMagics(Magics):
+class MLXMagics(EngineSettings, Magics):
     """``%%mlx`` and ``%mlx``; their settings are traits (``%config MLXMagics.default_model = ...``).
 
     One instance per shell, so the ``--chat`` conversation is per notebook, and it owns its
     client, found on first use as the traits say (``server``, ``token``, ...). Every call
     runs on the cell's thread: the stream is read and displayed there, so the kernel's
     interrupt (KeyboardInterrupt) lands in the read and closes the stream.
+
+    The engine's settings are inherited from ``EngineSettings``: they configure an engine
+    hosted in this kernel (a server uses its own), which follows them while it runs.
     """
 
     default_model = Unicode("", config=True, help="Model for %%mlx when -m is not given; empty = the host's default.")
-    max_tokens = Int(512, min=1, config=True, help="Most tokens %%mlx generates when --max-tokens is not given.")
+    max_tokens = Int(
+        field_default("max_tokens"),
+        min=1,
+        config=True,
+        help="Most tokens %%mlx generates when --max-tokens is not given.",
+    )
     temperature = Float(None, allow_none=True, config=True, help="Sampling temperature; None = the host's (greedy).")
     top_p = Float(None, allow_none=True, config=True, help="Nucleus sampling mass; None = the host's default.")
     format = CaselessStrEnum(FORMATS, "markdown", config=True, help="How %%mlx renders answers when -f is not given.")
@@ -100,26 +97,17 @@ class MLXMagics(Magics):
     )
     token = Unicode("", config=True, help="Jupyter token for an explicit server URL (default: MLX_JUPYTER_TOKEN).")
     request_timeout = Float(600.0, config=True, help="Seconds a server call, or a pause in a stream, may take.")
-    idle_timeout = Float(
-        300.0, min=0.0, config=True, help="Local engine: seconds an idle model stays loaded; 0 = never unload."
-    )
-    max_loaded_models = Int(
-        2, min=1, config=True, help="Local engine: resident models at most (LRU idle one is evicted)."
-    )
-    memory_limit = Int(0, min=0, config=True, help="Local engine: bytes of model memory at most; 0 = no limit.")
-    model_dirs = List(Unicode(), config=True, help="Local engine: folders whose subfolders are loadable models.")
-    allow_downloads = Bool(False, config=True, help="Local engine: may a Hugging Face repo id be downloaded.")
-    queue_timeout = Float(60.0, config=True, help="Local engine: seconds a request waits for a model slot.")
-    first_token_timeout = Float(120.0, config=True, help="Local engine: seconds to the first token before 'hung'.")
-    token_timeout = Float(30.0, config=True, help="Local engine: seconds between tokens before 'hung'.")
-    batch_size = Int(
-        32, min=1, config=True, help="Local engine: sequences a worker decodes together; more wait queued."
-    )
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
         # Before the traits take their configured values: their observers reach the cache.
         self._clients = ClientCache(self._discover)
         super().__init__(shell, **kwargs)
+        # A kernel-hosted engine's settings: these traits, followed as they change; only an
+        # empty default_model means the engine's own default there.
+        self.engine_settings = EngineSettings()
+        for name in setting_names():
+            transform = (lambda model: model or mlx_client.ENGINE_DEFAULT_MODEL) if name == "default_model" else None
+            dlink((self, name), (self.engine_settings, name), transform)
         self.history: list[dict[str, str]] = []
         self.chat_system: str | None = None
 
@@ -134,24 +122,12 @@ class MLXMagics(Magics):
         """Close the client (a local engine stops its workers); the next call looks again."""
         self._clients.reset()
 
-    def local_settings(self) -> dict[str, Any]:
-        # Always set, so that clearing default_model takes a running engine back to its own default.
-        return {name: getattr(self, name) for name in ENGINE_TRAITS} | {
-            "default_model": self.default_model or mlx_client.ENGINE_DEFAULT_MODEL
-        }
-
     def _discover(self) -> MLXClient:
-        return discover(Discovery(self.server, self.token, self.request_timeout, self.local_settings()))
+        return discover(Discovery(self.server, self.token, self.request_timeout, self.engine_settings))
 
     @observe(*DISCOVERY_TRAITS)
     def _discovery_changed(self, change: dict[str, Any]) -> None:
         self._clients.reset()  # the next call looks for its host again
-
-    @observe(*ENGINE_TRAITS, "default_model")
-    def _engine_changed(self, change: dict[str, Any]) -> None:
-        current = self._clients.current()
-        if isinstance(current, LocalClient):
-            current.reconfigure(**self.local_settings())
 
     # -- %mlx -------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from mlx_jupyter.server.base import NOT_FOUND_ROUTE
 from mlx_jupyter.server.events import EventHub
 from mlx_jupyter.server.kernel_env import KernelEnv
 from mlx_jupyter.server.metrics import EngineCollector
+from mlx_jupyter.server.openapi import openapi_document
 from mlx_jupyter.server.pool import RequestPool
 
 
@@ -57,7 +58,7 @@ class MLXExtension(EngineSettings, ExtensionApp):
             mlx_pool=self.pool,
             mlx_status_executor=self.status_executor,
             mlx_events=self.events,
-            mlx_openapi=handlers.openapi_document(),
+            mlx_openapi=openapi_document(),
             mlx_limits={"max_body_bytes": self.max_body_bytes},
         )
         self.kernel_env = KernelEnv(self.serverapp)

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
-import time
-import uuid
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from tornado import web
-from tornado.iostream import StreamClosedError
 
-from mlx_jupyter import sse
-from mlx_jupyter.engine.errors import MLXError
-from mlx_jupyter.server.base import APIError, MLXHandler, error_body
-from mlx_jupyter.server.handlers import StreamingMixin, without_nulls
+from mlx_jupyter.engine.request import SAME_DEFAULT, field_specs
+from mlx_jupyter.server.base import APIError, MLXHandler
+from mlx_jupyter.server.handlers import without_nulls
+from mlx_jupyter.server.streaming import GenerationHandler
+from mlx_jupyter.server.wire import ChatWire, CompletionWire, OpenAIWire
 
-DEFAULT_MAX_TOKENS = 256
 # OpenAI fields we accept and ignore, because they do not change a local answer.
 IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "frequency_penalty", "presence_penalty"}
+# Fields of the request itself rather than of the answer's generation.
+OWN_FIELDS = {"stream", "stream_options", "n"}
+
+
+def engine_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """The engine request's fields an OpenAI body carries, by ``GenerationRequest``'s own mapping."""
+    fields: dict[str, Any] = {}
+    for name, spec in field_specs().items():
+        value = next((body[key] for key in spec.openai if key in body), None)
+        if value is None and spec.openai_default is not SAME_DEFAULT:
+            value = spec.openai_default
+        if value is not None:
+            fields[name] = value
+    if fields.get("model") == "":  # OpenAI clients may send an empty model: the server's default
+        del fields["model"]
+    return fields
+
+
+def carried_fields() -> set[str]:
+    """Every OpenAI field the request mapping reads."""
+    return {key for spec in field_specs().values() for key in spec.openai}
 
 
 def _message_text(i: int, content: Any) -> str:
@@ -29,43 +47,13 @@ def _message_text(i: int, content: Any) -> str:
     raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "invalid_request")
 
 
-class OpenAIHandler(StreamingMixin, MLXHandler):
-    """One completion endpoint; subclasses say how the prompt is read and chunks are shaped."""
+class OpenAIHandler(GenerationHandler):
+    """One completion endpoint; subclasses say where the prompt is and which wire they write."""
 
-    kind = ""  # "chat.completion" or "text_completion"
-    prompt_fields: tuple[str, ...] = ()
-
-    def engine_request(self, body: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(
-            set(body)
-            - set(self.prompt_fields)
-            - IGNORED
-            - {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "n"}
-            - {"stream", "stream_options", "keep_alive"}
-        )
-        if unknown:
-            raise APIError(400, f"unsupported fields: {', '.join(unknown)}", "unsupported_parameter")
-        if body.get("n", 1) != 1:
-            raise APIError(400, "only n=1 is supported", "unsupported_parameter")
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        request = {
-            "model": body.get("model") or None,
-            "max_tokens": DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
-            "temperature": body.get("temperature", 1.0),
-            "top_p": body.get("top_p", 1.0),
-            "seed": body.get("seed"),
-            "stop": body.get("stop"),
-            "keep_alive": body.get("keep_alive"),
-        }
-        return request | self.prompt(body)
+    prompt_field = ""  # "messages" or "prompt"
+    wire: type[OpenAIWire] = OpenAIWire
 
     def prompt(self, body: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def choice(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def whole(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         raise NotImplementedError
 
     @web.authenticated
@@ -73,89 +61,53 @@ class OpenAIHandler(StreamingMixin, MLXHandler):
     async def post(self) -> None:
         """An OpenAI completion, whole or streamed as ``data:`` chunks ending in ``[DONE]``."""
         body = without_nulls(self.json_body())
+        unknown = sorted(set(body) - carried_fields() - {self.prompt_field} - IGNORED - OWN_FIELDS)
+        if unknown:
+            raise APIError(400, f"unsupported fields: {', '.join(unknown)}", "unsupported_parameter", param=unknown[0])
+        if body.get("n", 1) != 1:
+            raise APIError(400, "only n=1 is supported", "unsupported_parameter", param="n")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
-            raise APIError(400, "'stream' must be true or false", "invalid_request")
+            raise APIError(400, "'stream' must be true or false", "invalid_request", param="stream")
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
-            raise APIError(400, "'stream_options' must be an object", "invalid_request")
-        request = self.engine_request(body)
-        self.model = model = request["model"] or self.manager.default_model
-        first, rest = await self.first_and_rest(await self.start_stream(request))
-        head = {"id": f"{'chatcmpl' if self.kind.startswith('chat') else 'cmpl'}-{uuid.uuid4().hex}"}
-        head |= {"object": self.kind + (".chunk" if stream and self.kind.startswith("chat") else ""), "model": model}
-        head["created"] = int(time.time())
-        if not stream:
-            text, final = await self.collect(first, rest)
-            self.record_usage(model, final)
-            self.write_json(head | self.whole(text, final.finish_reason) | {"usage": final.usage})
-            return
-        self.begin_sse()
-        chunk, is_first = first, True
-        try:
-            while True:
-                if chunk.text or is_first or chunk.finish_reason:
-                    await self.send_event(head | {"choices": [self.choice(chunk.text, chunk.finish_reason, is_first)]})
-                    is_first = False
-                if chunk.finish_reason is not None:
-                    break
-                chunk = await anext(rest)
-            self.record_usage(model, chunk)
-            if options.get("include_usage"):
-                await self.send_event(head | {"choices": [], "usage": chunk.usage})
-        except StreamClosedError:
-            self.bridge.cancel()
-            return
-        except MLXError as exc:
-            await self.send_event(error_body(APIError.from_engine(exc)))
-        await self.send_event(sse.DONE)
-        self.finish()
+            raise APIError(400, "'stream_options' must be an object", "invalid_request", param="stream_options")
+        request = engine_fields(body) | self.prompt(body)
+        self.model = request.get("model") or self.manager.default_model
+        await self.answer(request, stream, self.wire(self.model, stream, bool(options.get("include_usage"))))
 
 
 class ChatCompletionsHandler(OpenAIHandler):
     endpoint = "v1/chat/completions"
-    kind = "chat.completion"
-    prompt_fields = ("messages",)
+    prompt_field = "messages"
+    wire = ChatWire
 
     def prompt(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise APIError(400, "'messages' must be a non-empty list", "invalid_request")
+            raise APIError(400, "'messages' must be a non-empty list", "invalid_request", param="messages")
         out = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
-                raise APIError(400, f"messages[{i}] must be an object", "invalid_request")
+                raise APIError(400, f"messages[{i}] must be an object", "invalid_request", param="messages")
             role = "system" if m.get("role") == "developer" else m.get("role")
             out.append({"role": role, "content": _message_text(i, m.get("content"))})
         return {"messages": out}
 
-    def choice(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-    def whole(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        message = {"role": "assistant", "content": text}
-        return {"choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}]}
-
 
 class CompletionsHandler(OpenAIHandler):
     endpoint = "v1/completions"
-    kind = "text_completion"
-    prompt_fields = ("prompt",)
+    prompt_field = "prompt"
+    wire = CompletionWire
 
     def prompt(self, body: dict[str, Any]) -> dict[str, Any]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
         if not isinstance(prompt, str) or not prompt:
-            raise APIError(400, "'prompt' must be a non-empty string (one prompt per request)", "invalid_request")
+            message = "'prompt' must be a non-empty string (one prompt per request)"
+            raise APIError(400, message, "invalid_request", param="prompt")
         return {"prompt": prompt}
-
-    def choice(self, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-
-    def whole(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"choices": [self.choice(text, finish_reason, True)]}
 
 
 class ModelsHandler(MLXHandler):

@@ -1,4 +1,4 @@
-"""Bridge an engine stream, which blocks, to the server's event loop."""
+"""Answers streamed from the engine: the bridge from its blocking stream to the event loop, and the handler base."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import asyncio
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
+from typing import Any
 
+from tornado.iostream import StreamClosedError
+
+from mlx_jupyter import sse
+from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.engine.generation import GenerationStream
 from mlx_jupyter.engine.locks import assert_no_locks_held
 from mlx_jupyter.engine.types import GenerationChunk
+from mlx_jupyter.server.base import APIError, MLXHandler
+from mlx_jupyter.server.metrics import TOKENS, TTFT
+from mlx_jupyter.server.wire import Wire
 
 
 class ChunkBridge:
@@ -68,3 +76,95 @@ class ChunkBridge:
         finally:
             assert_no_locks_held("closing a stream")
             self._chunks.close()
+
+
+class GenerationHandler(MLXHandler):
+    """The handler of an endpoint that generates: one answer, whole or as Server-Sent Events.
+
+    Subclasses turn their body into an engine request and pick their API's ``Wire``; this
+    runs the engine stream on a request thread and writes what the wire says. A client that
+    leaves cancels the generation at once, wherever it is.
+    """
+
+    bridge: ChunkBridge | None = None
+
+    async def answer(self, request: dict[str, Any], stream: bool, wire: Wire) -> None:
+        """Generate ``request`` (``GenerationRequest``'s fields) and write it in ``wire``'s shape."""
+        first, rest = await self._start(request)
+        if not stream:
+            text, final = await self._collect(first, rest)
+            self._record_usage(final)
+            self.write_json(wire.whole(text, final))
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        chunk, first_event = first, True
+        try:
+            while chunk.finish_reason is None:
+                data = wire.chunk(chunk, first_event)
+                if data is not None:
+                    await self.send_event(data)
+                    first_event = False
+                chunk = await anext(rest)
+            self._record_usage(chunk)
+            for data in wire.final(chunk, first_event):
+                await self.send_event(data)
+        except StreamClosedError:
+            self.bridge.cancel()
+            return
+        except MLXError as exc:
+            await self.send_event(*wire.error(APIError.from_engine(exc)))
+        if wire.terminator is not None:
+            await self.send_event(wire.terminator)
+        self.finish()
+
+    async def send_event(self, data: Any, event: str | None = None) -> None:
+        self.write(sse.encode(data, event))
+        await self.flush()
+
+    def on_connection_close(self) -> None:
+        if self.bridge is not None:
+            self.bridge.cancel()
+        super().on_connection_close()
+
+    async def _start(self, request: dict[str, Any]) -> tuple[GenerationChunk, AsyncIterator[GenerationChunk]]:
+        """The first chunk (an engine error before it is still a plain HTTP error), and the rest."""
+        try:  # the engine checks every field, the prompt's size included, before any work
+            chunks = self.manager.stream_generate(**request)
+        except MLXError as exc:
+            raise APIError.from_engine(exc) from exc
+        self.model = chunks.model
+        try:
+            thread = await self.admit()
+        except BaseException:
+            chunks.close()
+            raise
+        self.bridge = ChunkBridge(chunks, thread)
+        rest = aiter(self.bridge)
+        try:
+            return await anext(rest), rest
+        except MLXError as exc:
+            raise APIError.from_engine(exc) from exc
+
+    async def _collect(
+        self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]
+    ) -> tuple[str, GenerationChunk]:
+        """The whole text and the final chunk; an engine error mid-answer keeps its status."""
+        texts, final = [first.text], first
+        try:
+            async for chunk in rest:
+                texts.append(chunk.text)
+                final = chunk
+        except MLXError as exc:
+            raise APIError.from_engine(exc) from exc
+        if final.finish_reason is None:  # cancelled: the client left, and nothing is answered
+            raise RuntimeError("the answer ended without its final chunk")
+        return "".join(texts), final
+
+    def _record_usage(self, final: GenerationChunk) -> None:
+        model = self.model or self.manager.default_model
+        if final.usage:
+            TOKENS.labels(model).inc(final.usage.get("completion_tokens", 0))
+        if final.timings and final.timings.get("ttft_s") is not None:
+            TTFT.labels(model).observe(final.timings["ttft_s"])

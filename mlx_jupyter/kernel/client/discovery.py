@@ -10,9 +10,9 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
+from mlx_jupyter.engine.settings import EngineSettings
 from mlx_jupyter.kernel.client.base import MLXClient
 from mlx_jupyter.kernel.client.errors import AuthError, ClientError
 from mlx_jupyter.kernel.client.local import LocalClient
@@ -30,13 +30,13 @@ class Discovery:
             ``"local"`` (always a kernel-hosted engine) or a server URL.
         token: the Jupyter token for an explicit URL (default: ``MLX_JUPYTER_TOKEN``).
         timeout: seconds a server request (a whole stream's gaps included) may take.
-        local: settings of a kernel-hosted engine.
+        local: the settings of a kernel-hosted engine (None: the defaults).
     """
 
     server: str = "auto"
     token: str = field(default="", repr=False)  # a repr may end up in a shared notebook's output
     timeout: float = 600.0
-    local: dict[str, Any] = field(default_factory=dict)
+    local: EngineSettings | None = None
 
 
 def discover(config: Discovery) -> MLXClient:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import atexit
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from mlx_jupyter.engine import EngineSettings, MLXError, WorkerManager
+from mlx_jupyter.engine.generation import GenerationStream
 from mlx_jupyter.kernel.client.base import MLXClient
 from mlx_jupyter.kernel.client.errors import error_from_engine
 
@@ -20,14 +21,14 @@ class LocalClient(MLXClient):
     """Hosts a WorkerManager (and so its idle reaper) in this kernel; it stops at kernel exit.
 
     The engine is created on first use, so loading the magics starts nothing; worker
-    processes start only when a model is asked for. ``reconfigure`` applies changed settings
-    to a running engine, which reads them at its next decision.
+    processes start only when a model is asked for. It reads ``settings`` at each decision,
+    so a changed setting (the magics link theirs to it) reaches a running engine.
     """
 
     host = "this kernel (local engine)"
 
-    def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
+    def __init__(self, settings: EngineSettings | Mapping[str, Any] | None = None) -> None:
+        self.settings = settings if isinstance(settings, EngineSettings) else EngineSettings(**(settings or {}))
         self._manager: WorkerManager | None = None
         self._lock = threading.Lock()  # guards the lazy start only; never held across engine calls
         atexit.register(self.close)
@@ -40,16 +41,8 @@ class LocalClient(MLXClient):
     def manager(self) -> WorkerManager:
         with self._lock:
             if self._manager is None:
-                self._manager = WorkerManager(**self.settings)
+                self._manager = WorkerManager(self.settings)
             return self._manager
-
-    def reconfigure(self, **settings: Any) -> None:
-        """Apply new settings; a running engine takes them for its next decision."""
-        self.settings.update(settings)
-        manager = self._manager
-        if manager is not None:
-            for name, value in settings.items():
-                setattr(manager.settings, name, value)  # the manager observes what needs more than a read
 
     def health(self) -> dict[str, Any]:
         return self._engine(self.manager.health)
@@ -72,7 +65,7 @@ class LocalClient(MLXClient):
         request = {k: v for k, v in request.items() if k != "stream"}
         manager = self.manager
         chunks = self._engine(manager.stream_generate, **request)
-        return self._chunks(chunks, request.get("model") or manager.default_model)
+        return _Events(chunks, request.get("model") or manager.default_model)
 
     def close(self) -> None:
         atexit.unregister(self.close)
@@ -81,21 +74,31 @@ class LocalClient(MLXClient):
         if manager is not None:
             manager.shutdown()
 
-    def _chunks(self, chunks: Iterator[Any], model: str) -> Iterator[dict[str, Any]]:
-        try:
-            for chunk in chunks:
-                if chunk.finish_reason is None:
-                    yield {"text": chunk.text}
-                else:
-                    yield chunk.final_event(model)
-        except MLXError as exc:
-            raise error_from_engine(exc) from None
-        finally:
-            chunks.close()  # cancels the worker-side generation when we leave early
-
     @staticmethod
     def _engine(fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except MLXError as exc:
             raise error_from_engine(exc) from None
+
+
+class _Events(Iterator[dict[str, Any]]):
+    """The local engine's stream as native events (as the REST API sends them); ``close()`` cancels it.
+
+    No generator with a ``finally``: one dropped in a reference cycle would close the stream in
+    whatever thread the garbage collector runs; the engine's stream hands that to its janitor.
+    """
+
+    def __init__(self, chunks: GenerationStream, model: str) -> None:
+        self._chunks = chunks
+        self._model = model
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._chunks).event(self._model)
+        except MLXError as exc:
+            raise error_from_engine(exc) from None
+
+    def close(self) -> None:
+        """Cancel the generation in the worker when the caller leaves early."""
+        self._chunks.close()
