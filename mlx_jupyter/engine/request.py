@@ -40,7 +40,7 @@ class FieldSpec:
         check: ``check(name, value, limits)`` gives the field's value or raises InvalidRequestError.
         openai: the OpenAI request fields that carry it, the preferred one first (none: native only).
         openai_default: its value when an OpenAI request leaves it out, where OpenAI's default differs.
-        option: the ``%%mlx`` option that sets it, if any.
+        option: the ``%%mlx`` option's flags that set it, if any, and ``metavar`` the placeholder of its value.
         worker: sent to the worker (``model`` and ``keep_alive`` are the manager's).
     """
 
@@ -49,7 +49,8 @@ class FieldSpec:
     check: Check
     openai: tuple[str, ...] = ()
     openai_default: Any = SAME_DEFAULT
-    option: str | None = None
+    option: tuple[str, ...] = ()
+    metavar: str | None = None
     worker: bool = True
 
 
@@ -153,7 +154,7 @@ class GenerationRequest:
             {"type": "string", "minLength": 1},
             _model,
             openai=("model",),
-            option="--model",
+            option=("-m", "--model"),
             worker=False,
         ),
     )
@@ -176,7 +177,8 @@ class GenerationRequest:
             {"type": "integer", "minimum": 1},
             _number(1, integer=True),
             openai=("max_completion_tokens", "max_tokens"),
-            option="--max-tokens",
+            option=("--max-tokens",),
+            metavar="N",
         ),
     )
     temperature: float = field(
@@ -187,7 +189,8 @@ class GenerationRequest:
             _number(0.0, 100.0),
             openai=("temperature",),
             openai_default=1.0,
-            option="--temperature",
+            option=("--temperature",),
+            metavar="T",
         ),
     )
     top_p: float = field(
@@ -197,7 +200,8 @@ class GenerationRequest:
             {"type": "number", "minimum": 0, "maximum": 1},
             _number(0.0, 1.0),
             openai=("top_p",),
-            option="--top-p",
+            option=("--top-p",),
+            metavar="P",
         ),
     )
     seed: int | None = field(
@@ -207,7 +211,8 @@ class GenerationRequest:
             {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
             _number(0, 2**63 - 1, integer=True),
             openai=("seed",),
-            option="--seed",
+            option=("--seed",),
+            metavar="S",
         ),
     )
     stop: list[str] = field(
@@ -218,7 +223,8 @@ class GenerationRequest:
             {"$ref": "#/components/schemas/StopSequences"},
             _stops,
             openai=("stop",),
-            option="--stop",
+            option=("--stop",),
+            metavar="STR",
         ),
     )
     keep_alive: float | None = field(
@@ -229,7 +235,8 @@ class GenerationRequest:
             {"$ref": "#/components/schemas/KeepAlive"},
             _keep_alive,
             openai=("keep_alive",),
-            option="--keep-alive",
+            option=("--keep-alive",),
+            metavar="DUR",
             worker=False,
         ),
     )

@@ -14,7 +14,7 @@ from IPython.core.magic_arguments import argument, kwds, magic_arguments
 from traitlets import Bool, CaselessStrEnum, Float, Int, Unicode, dlink, observe
 
 from mlx_jupyter import __version__
-from mlx_jupyter.engine.request import field_default
+from mlx_jupyter.engine.request import field_default, field_specs
 from mlx_jupyter.engine.settings import EngineSettings, setting_names
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import HELP, interpolate, parse_options, split
@@ -49,8 +49,23 @@ LINE_HELP = """\
 %mlx reset                       forget the --chat conversation
 %mlx version                     the mlx_jupyter version
 %mlx help                        this help; %%mlx --help lists the cell options"""
+# Request fields whose %%mlx default is an MLXMagics trait (when it is set), else the host's.
+CELL_DEFAULTS = {"model": "default_model", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
 # Each has its method, mlx_<name>.
 COMMANDS = ("list", "load", "unload", "status", "reset", "version", "help")
+
+
+def request_arguments(magic: Any) -> Any:
+    """The ``%%mlx`` options that set request fields, made from ``GenerationRequest``'s field specs."""
+    kinds = {"integer": {"type": int}, "number": {"type": float}}
+    for name, spec in reversed(field_specs().items()):  # decorators stack: the first declared is applied last
+        if not spec.option:
+            continue
+        kind = {"action": "append"} if name == "stop" else kinds.get(spec.schema.get("type"), {})
+        default = f" (default: MLXMagics.{CELL_DEFAULTS[name]})" if name in CELL_DEFAULTS else ""
+        default += " Repeat the option for more." if kind.get("action") == "append" else ""
+        magic = argument(*spec.option, dest=name, metavar=spec.metavar, help=spec.help + default, **kind)(magic)
+    return magic
 
 
 @magics_class
@@ -224,18 +239,12 @@ class MLXMagics(EngineSettings, Magics):
 
     @magic_arguments(name="%mlx")
     @HELP
-    @argument("-m", "--model", help="model id (default: MLXMagics.default_model, else the host's default)")
-    @argument("--max-tokens", type=int, metavar="N", help="most tokens to generate (default: MLXMagics.max_tokens)")
-    @argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 = greedy")
-    @argument("--top-p", type=float, metavar="P", help="nucleus sampling probability mass")
-    @argument("--seed", type=int, metavar="S", help="random seed, for repeatable sampling")
-    @argument("--stop", action="append", metavar="STR", help="stop string (repeatable)")
+    @request_arguments
     @argument("--system", metavar="TEXT", help="system message")
     @argument("--chat", action="store_true", help="continue this notebook's conversation (%%mlx reset)")
     @argument("--raw", action="store_true", help="send the text as a completion prompt, no chat template")
     @argument("-f", "--format", choices=FORMATS, metavar="FORMAT", help=f"how to show the answer: {', '.join(FORMATS)}")
     @argument("-o", "--output", metavar="VAR", help="also store the result in this variable")
-    @argument("--keep-alive", metavar="DUR", help="keep the model loaded this long after (10m, 30s, -1)")
     @argument("--no-stream", action="store_true", help="show only the final answer")
     @argument("--no-interpolate", action="store_true", help="send {name} as written")
     @cell_magic("mlx")
@@ -285,20 +294,18 @@ class MLXMagics(EngineSettings, Magics):
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
 
     def _request(self, args: argparse.Namespace, text: str) -> dict[str, Any]:
+        # Each request option, else this instance's trait of that name (MLXMagics.max_tokens,
+        # .temperature, .top_p; .default_model for the model), else the host's default.
         # `is None`, not `or`: --max-tokens 0 is the host's to reject, not a cue for the default.
-        max_tokens = self.max_tokens if args.max_tokens is None else args.max_tokens
-        request: dict[str, Any] = {"max_tokens": max_tokens}
-        model = args.model or self.default_model
-        if model:
-            request["model"] = model
-        for name in ("temperature", "top_p"):
+        request: dict[str, Any] = {}
+        for name, spec in field_specs().items():
+            if not spec.option:
+                continue
             value = getattr(args, name)
-            value = getattr(self, name) if value is None else value
+            if value is None and name in CELL_DEFAULTS:
+                value = getattr(self, CELL_DEFAULTS[name]) or None
             if value is not None:
                 request[name] = value
-        for name in ("seed", "stop", "keep_alive"):
-            if getattr(args, name) is not None:
-                request[name] = getattr(args, name)
         if args.chat and args.raw:
             raise UsageError("%%mlx: --chat and --raw do not go together (a conversation needs the chat template)")
         if args.chat:
