@@ -20,6 +20,7 @@ from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
 from tests.helpers import child_pids, wait_for
+from tests.models import TINY, TINY_A, TINY_B
 
 # The whole suite, child processes included, runs the checker in validate mode, and
 # builds the built-in model once per run in a private cache.
@@ -78,7 +79,7 @@ def make_manager():
 
     def make(cls: type[WorkerManager] = WorkerManager, **kwargs) -> WorkerManager:
         # The built-in default is builtin:pydoc; tests that need no real text use the faster tiny model.
-        kwargs.setdefault("default_model", "builtin:tiny")
+        kwargs.setdefault("default_model", TINY)
         kwargs.setdefault("idle_timeout", 0)
         kwargs.setdefault("queue_timeout", 30)
         kwargs.setdefault("first_token_timeout", 30)
@@ -98,7 +99,7 @@ def make_manager():
 def model_dir(tmp_path_factory) -> Path:
     """A model_dirs folder with two copies of the built-in model, ``tiny-a`` and ``tiny-b``."""
     root = tmp_path_factory.mktemp("models")
-    for name in ("tiny-a", "tiny-b"):
+    for name in (TINY_A, TINY_B):
         shutil.copytree(builtin_model_path("tiny"), root / name)
     return root
 
@@ -107,7 +108,7 @@ def model_dir(tmp_path_factory) -> Path:
 def mlx_config() -> dict:
     """MLXExtension settings for the in-process Jupyter server (tests may change them)."""
     return {
-        "default_model": "builtin:tiny",
+        "default_model": TINY,
         "idle_timeout": 0,
         "queue_timeout": 10,
         "first_token_timeout": 30,

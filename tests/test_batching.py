@@ -13,10 +13,7 @@ from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.types import GenerationResult
 from mlx_jupyter.engine.worker import WorkerProcess
-
-TINY = "builtin:tiny"
-
-PYDOC = "builtin:pydoc"
+from tests.models import PYDOC, TINY
 
 # Different lengths, budgets and stop strings, on the trained model: its greedy answers
 # differ from prompt to prompt, so answers mixed up between batch rows would show at once.

@@ -25,6 +25,7 @@ from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
+from tests.models import TINY, TINY_A
 from tests.test_server_live import LiveServer
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -124,7 +125,7 @@ def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers
         assert f"models served by Jupyter server at {server.url}" in output
         assert generate_requests(server) > before, "the notebook's cells did not reach the server's API"
     else:
-        assert "builtin:tiny" in output
+        assert TINY in output
     metrics = server.client.get("metrics").text
     assert re.search(r"mlx_model_loads_total\{[^}]*\} [1-9]|mlx_model_loads_total [1-9]", metrics), metrics[-2000:]
     server.client.delete(f"api/kernels/{kernel_id}")
@@ -182,7 +183,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
         assert exported["content"]["status"] == "ok", "the server did not export its URL to the kernel"
         # A finished answer adds its tokens to this counter; a cancelled one adds none.
         # That proves the cancel without racing the answer's natural end against a clock.
-        tokens = 'mlx_generated_tokens_total{model="builtin:tiny"}'
+        tokens = f'mlx_generated_tokens_total{{model="{TINY}"}}'
         tokens_before = metric(server, tokens)
         msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
         assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
@@ -262,8 +263,8 @@ def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
     assert result.success and f"Jupyter server at {server.url}" in out.stdout
     result, out = run_cell(shell, "%%mlx -m tiny-a --max-tokens 4\nhi")
     assert result.success, result.error_in_exec
-    assert shell.user_ns["_mlx"].model == "tiny-a" and shell.user_ns["_mlx"].tokens == 4
-    assert [m["id"] for m in server.models()] == ["tiny-a"]
+    assert shell.user_ns["_mlx"].model == TINY_A and shell.user_ns["_mlx"].tokens == 4
+    assert [m["id"] for m in server.models()] == [TINY_A]
     result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
     assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in one_line(out)

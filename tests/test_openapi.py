@@ -18,8 +18,8 @@ from mlx_jupyter import sse
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
 from tests.helpers import child_pids, wait_for
+from tests.models import TINY
 
-TINY = "builtin:tiny"
 SPEC: dict[str, Any] = json.loads(files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8"))
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 ROUTES = handlers.routes() + openai.routes()

@@ -27,8 +27,8 @@ from mlx_jupyter.engine.types import ModelStatus
 from mlx_jupyter.server import events, handlers, openai
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import child_pids, pid_alive, wait_for
+from tests.models import TINY, TINY_A, TINY_B
 
-TINY = "builtin:tiny"
 BROKEN = "tiny-broken"
 VALID = {"prompt": "Beautiful is", "max_tokens": 4}
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -261,9 +261,9 @@ async def test_health_models_and_available_have_their_documented_shapes(jp_fetch
     assert all(set(m) == {"id", "source", "path", "size_bytes"} for m in available), available
     by_id = {m["id"]: m for m in available}
     assert by_id[TINY]["source"] == "builtin"
-    assert by_id["tiny-a"]["source"] == by_id["tiny-b"]["source"] == "dir"
-    assert by_id["tiny-a"]["size_bytes"] > 0
-    assert Path(by_id["tiny-a"]["path"], "config.json").is_file()
+    assert by_id[TINY_A]["source"] == by_id[TINY_B]["source"] == "dir"
+    assert by_id[TINY_A]["size_bytes"] > 0
+    assert Path(by_id[TINY_A]["path"], "config.json").is_file()
     assert {m["source"] for m in available} <= {"builtin", "dir", "hf-cache"}
 
     openai_models = ok_json(await get(jp_fetch, "mlx/v1/models"))
@@ -272,8 +272,8 @@ async def test_health_models_and_available_have_their_documented_shapes(jp_fetch
 
 
 async def test_load_answers_ready_with_a_pid_and_unload_ends_the_worker_process(jp_fetch):
-    loaded = ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": "tiny-a", "keep_alive": "10m"}))
-    assert loaded["id"] == "tiny-a"
+    loaded = ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": TINY_A, "keep_alive": "10m"}))
+    assert loaded["id"] == TINY_A
     assert loaded["state"] == "ready"
     assert loaded["active_requests"] == 0
     assert loaded["keep_alive_s"] == 600
@@ -283,20 +283,20 @@ async def test_load_answers_ready_with_a_pid_and_unload_ends_the_worker_process(
 
     listed = ok_json(await get(jp_fetch, "mlx/api/models"))
     (model,) = listed["models"]
-    assert model["id"] == "tiny-a" and model["pid"] == pid and model["state"] == "ready"
+    assert model["id"] == TINY_A and model["pid"] == pid and model["state"] == "ready"
     assert model["loaded_at"] <= listed["server_time"]
     assert model["expires_at"] == pytest.approx(model["last_used_at"] + 600)
     assert ok_json(await get(jp_fetch, "mlx/api/health"))["models_loaded"] == 1
 
-    unloaded = ok_json(await post(jp_fetch, "mlx/api/models/unload", {"model": "tiny-a"}))
-    assert unloaded["id"] == "tiny-a"
+    unloaded = ok_json(await post(jp_fetch, "mlx/api/models/unload", {"model": TINY_A}))
+    assert unloaded["id"] == TINY_A
     assert wait_for(lambda: not pid_alive(pid), timeout=5), f"worker {pid} still runs after unload"
     assert ok_json(await get(jp_fetch, "mlx/api/models"))["models"] == []
 
-    again = await post(jp_fetch, "mlx/api/models/unload", {"model": "tiny-a"})
+    again = await post(jp_fetch, "mlx/api/models/unload", {"model": TINY_A})
     error = assert_error(again, 404, "model_not_found", "'tiny-a'", "not loaded; see GET mlx/api/models")
     # The data behind the message, for clients that say it their own way (the magics list the ids).
-    assert (error["model"], error["loaded"], error["hint"]) == ("tiny-a", [], "see GET mlx/api/models")
+    assert (error["model"], error["loaded"], error["hint"]) == (TINY_A, [], "see GET mlx/api/models")
 
 
 # -- generate ------------------------------------------------------------------
@@ -380,7 +380,7 @@ BAD_REQUESTS = [
      ["max_length"]),
     ("load_without_model", "mlx/api/models/load", {}, 400, "invalid_request", ["'model'", "models/available"]),
     ("load_path_model_id", "mlx/api/models/load", {"model": "../etc"}, 400, "invalid_model", ["'../etc'"]),
-    ("load_bad_keep_alive", "mlx/api/models/load", {"model": "tiny-a", "keep_alive": "soon"}, 400,
+    ("load_bad_keep_alive", "mlx/api/models/load", {"model": TINY_A, "keep_alive": "soon"}, 400,
      "invalid_request", ["keep_alive", "'soon'"]),
     ("unload_without_model", "mlx/api/models/unload", {"model": 5}, 400, "invalid_request", ["'model'"]),
     ("chat_n_2", "mlx/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400,
@@ -473,16 +473,16 @@ async def test_a_model_that_fails_to_load_is_a_500_with_the_loaders_reason(jp_fe
 
 @pytest.mark.parametrize("mlx_config", [ONE_SLOT], indirect=True, ids=["one_slot"])
 async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot_is_busy(jp_fetch, manager):
-    async with busy(manager, "tiny-a"):
-        response = await post(jp_fetch, "mlx/api/generate", {"model": "tiny-b", "prompt": "hi", "max_tokens": 2})
+    async with busy(manager, TINY_A):
+        response = await post(jp_fetch, "mlx/api/generate", {"model": TINY_B, "prompt": "hi", "max_tokens": 2})
         error = assert_error(response, 503, "all_models_busy", "'tiny-b'")
         assert error["type"] == "overloaded_error"
         assert int(response.headers["Retry-After"]) > 0
-        assert [s.id for s in manager.status()] == ["tiny-a"], "the busy model must not be evicted"
+        assert [s.id for s in manager.status()] == [TINY_A], "the busy model must not be evicted"
     # Once the slot frees up, the same request succeeds by evicting the idle model.
-    answer = ok_json(await post(jp_fetch, "mlx/api/generate", {"model": "tiny-b", "prompt": "hi", "max_tokens": 2}))
-    assert answer["model"] == "tiny-b"
-    assert [s.id for s in manager.status()] == ["tiny-b"]
+    answer = ok_json(await post(jp_fetch, "mlx/api/generate", {"model": TINY_B, "prompt": "hi", "max_tokens": 2}))
+    assert answer["model"] == TINY_B
+    assert [s.id for s in manager.status()] == [TINY_B]
 
 
 @pytest.mark.parametrize(
@@ -493,7 +493,7 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
 )
 @pytest.mark.parametrize("path", ["mlx/api/generate", "mlx/v1/completions"])
 async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
-    manager.load("builtin:tiny")
+    manager.load(TINY)
     # Greedy on "x" never meets the end token: the answer cannot finish before the hang.
     body = {"prompt": "x", "max_tokens": 30_000, "temperature": 0}
     answer = asyncio.ensure_future(post(jp_fetch, path, body))

@@ -20,6 +20,7 @@ import pytest
 
 from mlx_jupyter import sse
 from tests.helpers import child_pids, pid_alive, wait_for
+from tests.models import TINY, TINY_A, TINY_B
 
 BASE = "/live/"
 
@@ -41,7 +42,7 @@ class LiveServer:
     """
 
     OPTIONS: ClassVar[dict[str, object]] = {
-        "default_model": "builtin:tiny",
+        "default_model": TINY,
         "idle_timeout": 1,
         "max_loaded_models": 2,
         "queue_timeout": 20,
@@ -172,14 +173,14 @@ def test_the_openai_client_works_with_the_jupyter_token_as_api_key(live):
     from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=live.url + "mlx/v1", api_key=live.token)
-    assert "builtin:tiny" in [m.id for m in client.models.list().data]
+    assert TINY in [m.id for m in client.models.list().data]
     chat = client.chat.completions.create(
-        model="builtin:tiny", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
+        model=TINY, messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0
     )
     assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 5
     chunks = list(
         client.chat.completions.create(
-            model="builtin:tiny",
+            model=TINY,
             messages=[{"role": "user", "content": "hello"}],
             max_completion_tokens=5,
             stream=True,
@@ -190,10 +191,8 @@ def test_the_openai_client_works_with_the_jupyter_token_as_api_key(live):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
-    text = client.completions.create(model="builtin:tiny", prompt="Beautiful is", max_tokens=6, temperature=0)
-    streamed = client.completions.create(
-        model="builtin:tiny", prompt="Beautiful is", max_tokens=6, temperature=0, stream=True
-    )
+    text = client.completions.create(model=TINY, prompt="Beautiful is", max_tokens=6, temperature=0)
+    streamed = client.completions.create(model=TINY, prompt="Beautiful is", max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == text.choices[0].text
     with pytest.raises(NotFoundError, match="models/available"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
@@ -209,7 +208,7 @@ def test_native_stream_sends_text_chunks_then_a_final_event(live):
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(live):
     # Never unloaded behind the test's back, however slow the machine: the last request's keep_alive 0 unloads it.
-    body = {"model": "tiny-a", "prompt": "x", "max_tokens": 8000, "stream": True, "keep_alive": -1}
+    body = {"model": TINY_A, "prompt": "x", "max_tokens": 8000, "stream": True, "keep_alive": -1}
     stream = live.stream("mlx/api/generate", body)
     for _ in range(3):
         next(stream)
@@ -218,7 +217,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(live):
     stream.close()  # drops the connection
     assert wait_for(lambda: live.models()[0]["active_requests"] == 0, timeout=30), "the lease was not released"
     # the worker stopped generating: another request on it is answered at once
-    again = {"model": "tiny-a", "prompt": "x", "max_tokens": 2, "keep_alive": -1}
+    again = {"model": TINY_A, "prompt": "x", "max_tokens": 2, "keep_alive": -1}
     assert live.client.post("mlx/api/generate", json=again).json()["finish_reason"] == "length"
     assert live.models()[0]["pid"] == model["pid"]
     # keep_alive 0 unloads right after this request: the reaper does so only when no lease is left
@@ -244,11 +243,11 @@ def test_events_report_load_ready_busy_idle_and_unload(live):
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     assert subscribed.wait(60), "the event stream sent no snapshot"
-    live.client.post("mlx/api/models/load", json={"model": "tiny-b", "keep_alive": -1})
-    live.client.post("mlx/api/generate", json={"model": "tiny-b", "prompt": "x", "max_tokens": 3})
-    live.client.post("mlx/api/models/unload", json={"model": "tiny-b"})
+    live.client.post("mlx/api/models/load", json={"model": TINY_B, "keep_alive": -1})
+    live.client.post("mlx/api/generate", json={"model": TINY_B, "prompt": "x", "max_tokens": 3})
+    live.client.post("mlx/api/models/unload", json={"model": TINY_B})
     assert done.wait(60), f"no unload event; saw {seen}"
-    kinds = [kind for kind, model in seen if model == "tiny-b"]
+    kinds = [kind for kind, model in seen if model == TINY_B]
     for expected in ("load", "ready", "busy", "idle", "unload"):
         assert expected in kinds, kinds
     assert kinds.index("load") < kinds.index("ready") < kinds.index("busy") < kinds.index("unload")
@@ -291,7 +290,7 @@ def test_a_storm_of_clients_and_a_killed_worker_leave_the_server_healthy(live):
         rng = random.Random(seed)
         http = httpx.Client(base_url=live.url, headers=live.client.headers, timeout=60)
         while storming():
-            model = rng.choice(["tiny-a", "tiny-b", "builtin:tiny"])
+            model = rng.choice([TINY_A, TINY_B, TINY])
             action = rng.random()
             try:
                 if action < 0.15:

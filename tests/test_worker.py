@@ -27,9 +27,8 @@ from mlx_jupyter.engine.worker import WorkerProcess
 from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
 from tests.helpers import wait_for
+from tests.models import PYDOC, TINY
 
-TINY = "builtin:tiny"
-PYDOC = "builtin:pydoc"
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = ("MLX_JUPYTER_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
 

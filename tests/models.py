@@ -1,0 +1,16 @@
+"""The models the suite runs on, named once: their ids, and how long an answer a test holds open may be."""
+
+from __future__ import annotations
+
+TINY = "builtin:tiny"  # random weights, 32768-token context: the fastest real model
+PYDOC = "builtin:pydoc"  # trained on Python's documentation: for tests that need real text
+# conftest's ``model_dir`` holds two copies of the tiny model under these ids.
+TINY_A = "tiny-a"
+TINY_B = "tiny-b"
+
+# max_tokens of an answer that must still be running when the test acts (greedy on "x" never
+# meets tiny's end token): tens of seconds of tokens, within tiny's context. A host that runs
+# such answers raises its ``max_tokens_limit`` (8192 by default) to at least this.
+LONG = 30_000
+# The same, for the one host the tests cannot raise the limit of: the kernel's own engine.
+LONG_AT_DEFAULT_LIMIT = 8000
