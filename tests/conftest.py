@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from traitlets.config import Config
 from mlx_jupyter.engine import locks
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
-from tests.helpers import child_pids, wait_for
+from tests.helpers import child_pids, pid_alive, wait_for
+from tests.live_server import LiveServer
 from tests.models import TINY, TINY_A, TINY_B
 
 # The whole suite, child processes included, runs the checker in validate mode, and
@@ -102,6 +104,22 @@ def model_dir(tmp_path_factory) -> Path:
     for name in (TINY_A, TINY_B):
         shutil.copytree(builtin_model_path("tiny"), root / name)
     return root
+
+
+@pytest.fixture
+def live(tmp_path, model_dir) -> Iterator[LiveServer]:
+    """A `jupyter server` process with our extension and ``model_dir``'s models (tests/live_server.py).
+
+    After the test, the kernels it started are shut down, and its workers must exit with it.
+    """
+    server = LiveServer(tmp_path, model_dir)
+    yield server
+    running = server.proc.poll() is None
+    workers = [m["pid"] for m in server.models()] if running else []
+    for kernel in server.client.get("api/kernels").json() if running else []:
+        server.client.delete(f"api/kernels/{kernel['id']}")
+    server.stop()
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_for
+from tests.live_server import LiveServer
 from tests.models import TINY, TINY_A, TINY_B
-from tests.test_server_live import LiveServer
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
