@@ -13,8 +13,10 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from jupyter_server.serverapp import ServerApp
 from traitlets.config import Config
 
 from mlx_jupyter.engine import locks
@@ -22,7 +24,10 @@ from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
 from tests.helpers import child_pids, pid_alive, wait_for
 from tests.live_server import LiveServer
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import BROKEN, TINY, TINY_A, TINY_B
+
+if TYPE_CHECKING:
+    from mlx_jupyter.server.app import MLXExtension
 
 # The whole suite, child processes included, runs the checker in validate mode, and
 # builds the built-in model once per run in a private cache.
@@ -122,9 +127,19 @@ def live(tmp_path, model_dir) -> Iterator[LiveServer]:
     assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
 
 
+@pytest.fixture(scope="session")
+def broken_model_dir(tmp_path_factory) -> Path:
+    """A model_dirs folder holding ``tiny-broken``: the built-in model with garbage weights."""
+    root = tmp_path_factory.mktemp("broken-models")
+    shutil.copytree(builtin_model_path(), root / BROKEN)
+    (root / BROKEN / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 8)
+    return root
+
+
 @pytest.fixture
-def mlx_config() -> dict:
-    """MLXExtension settings for the in-process Jupyter server (tests may change them)."""
+def mlx_config(model_dir, broken_model_dir, request) -> dict:
+    """MLXExtension settings for the in-process Jupyter server, with both model folders; a module
+    changes them by overriding this fixture, a test by indirect parametrize."""
     return {
         "default_model": TINY,
         "idle_timeout": 0,
@@ -133,7 +148,8 @@ def mlx_config() -> dict:
         "token_timeout": 10,
         "max_tokens_limit": 1000,
         "max_body_bytes": 512 * 1024,  # room for a prompt longer than tiny's 32768-token context
-    }
+        "model_dirs": [str(model_dir), str(broken_model_dir)],
+    } | getattr(request, "param", {})
 
 
 @pytest.fixture
@@ -148,6 +164,30 @@ def jp_server_config(mlx_config):
             "MLXExtension": mlx_config,
         }
     )
+
+
+@pytest.fixture
+def jp_asyncio_loop(jp_asyncio_loop, request):
+    """pytest-jupyter's loop, wrapped. Its teardown runs after the in-process server's (the autouse
+    ``jp_server_cleanup``, which stops the server and our extension, requests the loop): by then a
+    test that started the server may have left no process behind (a model worker least of all)."""
+    yield jp_asyncio_loop
+    if "jp_serverapp" in request.fixturenames:
+        assert not ServerApp.initialized(), "this check must run after the Jupyter server's teardown"
+        assert wait_for(lambda: not child_pids(), timeout=10), f"processes outlived the server: {child_pids()}"
+
+
+@pytest.fixture
+def manager(jp_serverapp) -> WorkerManager:
+    """The in-process Jupyter server's engine."""
+    return jp_serverapp.web_app.settings["mlx_manager"]
+
+
+@pytest.fixture
+def extension(jp_serverapp) -> MLXExtension:
+    """The in-process Jupyter server's MLXExtension."""
+    (app,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
+    return app
 
 
 @pytest.fixture

@@ -7,6 +7,8 @@ PYDOC = "builtin:pydoc"  # trained on Python's documentation: for tests that nee
 # conftest's ``model_dir`` holds two copies of the tiny model under these ids.
 TINY_A = "tiny-a"
 TINY_B = "tiny-b"
+# conftest's ``broken_model_dir`` holds the tiny model with garbage weights under this id.
+BROKEN = "tiny-broken"
 
 # max_tokens of an answer that must still be running when the test acts (greedy on "x" never
 # meets tiny's end token): tens of seconds of tokens, within tiny's context. A host that runs

@@ -9,7 +9,6 @@ from importlib.resources import files
 from typing import Any
 
 import pytest
-from jupyter_server.serverapp import ServerApp
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
@@ -17,7 +16,6 @@ import mlx_jupyter
 from mlx_jupyter import sse
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
-from tests.helpers import child_pids, wait_for
 from tests.models import TINY
 
 SPEC: dict[str, Any] = json.loads(files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8"))
@@ -90,15 +88,6 @@ async def request(jp_fetch, method: str, path: str, body: Any = None, **kwargs: 
         parsed = json.loads(response.body)
         validate(schema, parsed)
     return response, parsed
-
-
-@pytest.fixture
-def jp_asyncio_loop(jp_asyncio_loop):
-    """pytest-jupyter's loop, which is torn down after the server's own teardown (the
-    server's cleanup fixture depends on it): by then no worker process may remain."""
-    yield jp_asyncio_loop
-    assert not ServerApp.initialized(), "this check must run after the Jupyter server's teardown"
-    assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
 
 
 # -- the document itself -------------------------------------------------------------------

@@ -6,72 +6,29 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_server.utils import url_path_join
-from prometheus_client.parser import text_string_to_metric_families
 from tornado import web
 
 from mlx_jupyter import __version__, sse
-from mlx_jupyter.engine.errors import DETAILS
 from mlx_jupyter.engine.manager import WorkerManager
-from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.types import ModelStatus
 from mlx_jupyter.server import events, handlers, openai
 from mlx_jupyter.server.app import MLXExtension
-from tests.helpers import child_pids, pid_alive, wait_for
-from tests.models import TINY, TINY_A, TINY_B
+from tests.helpers import eventually, pid_alive, wait_for, worker_pids
+from tests.models import BROKEN, TINY, TINY_A, TINY_B
+from tests.server_calls import VALID, assert_error, assert_still_serves, check_bad_requests, get, ok_json, post, scrape
 
-BROKEN = "tiny-broken"
-VALID = {"prompt": "Beautiful is", "max_tokens": 4}
 METHODS = ("get", "post", "put", "patch", "delete")
 ONE_SLOT = {"max_loaded_models": 1, "queue_timeout": 1}
-# An error body: message, type and code, then a hint and the error's data where they apply.
-ERROR_FIELDS = {"message", "type", "code", "hint", *DETAILS}
 
 
-# -- fixtures ------------------------------------------------------------------
-
-
-def worker_pids() -> list[int]:
-    """This process's live children that run a model worker."""
-    found = []
-    for pid in child_pids():
-        with contextlib.suppress(OSError):
-            if b"worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-    return found
-
-
-@pytest.fixture(autouse=True)
-def jp_asyncio_loop(jp_asyncio_loop):
-    """pytest-jupyter's loop, wrapped: ``jp_server_cleanup`` (which stops the server and
-    our extension) requests the loop, so this teardown runs after the server is gone."""
-    yield jp_asyncio_loop
-    assert wait_for(lambda: not worker_pids(), timeout=10), f"model workers outlived the server: {worker_pids()}"
-
-
-@pytest.fixture(scope="session")
-def broken_model_dir(tmp_path_factory) -> Path:
-    """A model_dirs folder holding ``tiny-broken``: the built-in model with garbage weights."""
-    root = tmp_path_factory.mktemp("broken-models")
-    shutil.copytree(builtin_model_path(), root / BROKEN)
-    (root / BROKEN / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 8)
-    return root
-
-
-@pytest.fixture
-def mlx_config(mlx_config, model_dir, broken_model_dir, request) -> dict:
-    """conftest's settings plus both model folders; a test changes more by indirect parametrize."""
-    config = mlx_config | {"model_dirs": [str(model_dir), str(broken_model_dir)]}
-    return config | getattr(request, "param", {})
+# -- fixtures and helpers ---------------------------------------------------
 
 
 @pytest.fixture
@@ -80,65 +37,6 @@ def jp_server_config(jp_server_config, request):
     if hasattr(request, "param"):
         jp_server_config.ServerApp.allow_unauthenticated_access = request.param
     return jp_server_config
-
-
-@pytest.fixture
-def manager(jp_serverapp) -> WorkerManager:
-    return jp_serverapp.web_app.settings["mlx_manager"]
-
-
-@pytest.fixture
-def extension(jp_serverapp) -> MLXExtension:
-    (app,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
-    return app
-
-
-# -- helpers -------------------------------------------------------------------
-
-
-async def post(jp_fetch, path: str, body: Any, **kwargs: Any):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await jp_fetch(path, method="POST", body=data, raise_error=False, **kwargs)
-
-
-async def get(jp_fetch, path: str):
-    return await jp_fetch(path, method="GET", raise_error=False)
-
-
-def ok_json(response) -> Any:
-    got = response.code
-    assert got == 200, f"HTTP {got}: {response.body[:300]!r}"
-    return json.loads(response.body)
-
-
-def assert_error(response, status: int, code: str, *words: str) -> dict:
-    """An error response: this status, the ``{"error": {message, type, code}}`` body, these words."""
-    got = response.code
-    assert got == status, f"HTTP {got}, expected {status}: {response.body[:300]!r}"
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = json.loads(response.body)["error"]
-    assert {"message", "type", "code"} <= set(error) <= ERROR_FIELDS, error
-    assert error["code"] == code, error
-    for word in words:
-        assert word in error["message"], (word, error)
-    return error
-
-
-async def assert_still_serves(jp_fetch, manager: WorkerManager) -> None:
-    """A valid generate answers, and no request is left holding a lease."""
-    answer = ok_json(await post(jp_fetch, "mlx/api/generate", VALID))
-    assert answer["text"] and answer["finish_reason"] in ("length", "stop")
-    assert wait_for(lambda: manager.health()["active_requests"] == 0, timeout=5), manager.health()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` while letting the event loop run, until true or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def sse_events(body: bytes) -> list[dict]:
@@ -179,16 +77,6 @@ async def busy(manager: WorkerManager, model: str) -> AsyncIterator[None]:
     finally:
         release.set()
         await loop.run_in_executor(None, thread.join, 30)
-
-
-async def scrape(jp_fetch) -> dict[tuple[str, tuple], float]:
-    """Jupyter's /metrics as {(sample name, sorted labels): value}."""
-    text = (await jp_fetch("metrics", method="GET")).body.decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 # -- security ------------------------------------------------------------------
@@ -423,22 +311,6 @@ OPENAI_ZERO_MAX_TOKENS = [
     ("completions_max_tokens_zero", "mlx/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400,
      "invalid_request", ["max_tokens"]),
 ]  # fmt: skip
-
-
-async def check_bad_requests(jp_fetch, manager: WorkerManager, cases: list[tuple]) -> None:
-    """Each case gets its error, and after each a valid generate is still answered.
-
-    One server for all cases (a model load costs seconds); every case runs even when an
-    earlier one fails, and the failure lists each failing case by name.
-    """
-    failures = []
-    for case, path, body, status, code, words in cases:
-        try:
-            assert_error(await post(jp_fetch, path, body), status, code, *words)
-            await assert_still_serves(jp_fetch, manager)
-        except AssertionError as exc:
-            failures.append(f"[{case}] POST {path}: {exc}")
-    assert not failures, f"{len(failures)} of {len(cases)} bad requests:\n" + "\n".join(failures)
 
 
 async def test_bad_requests_get_a_precise_error_and_the_server_keeps_serving(jp_fetch, manager):

@@ -13,13 +13,9 @@ import pytest
 from jupyter_server.utils import url_path_join
 
 from mlx_jupyter.server.app import MLXExtension
-from tests import test_server_api as api
+from tests.helpers import eventually
 from tests.models import TINY, TINY_A, TINY_B
-from tests.test_server_api import VALID, assert_error, assert_still_serves, eventually, get, ok_json, post, scrape
-
-# test_server_api's server fixtures: our extension with its model folders, and the check for workers left behind.
-jp_asyncio_loop, mlx_config, broken_model_dir = api.jp_asyncio_loop, api.mlx_config, api.broken_model_dir
-manager, extension = api.manager, api.extension
+from tests.server_calls import VALID, assert_error, assert_still_serves, get, ok_json, post, scrape
 
 # Greedy on "x" never meets the end token: a stream that lasts as long as a test holds it.
 ENDLESS = {"prompt": "x", "max_tokens": 30_000, "temperature": 0, "stream": True}
