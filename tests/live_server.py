@@ -17,7 +17,7 @@ import httpx
 
 from mlx_jupyter import sse
 from tests.helpers import wait_for
-from tests.models import TINY
+from tests.models import LONG, TINY
 
 BASE = "/live/"
 
@@ -43,6 +43,7 @@ class LiveServer:
         "idle_timeout": 1,
         "max_loaded_models": 2,
         "queue_timeout": 20,
+        "max_tokens_limit": LONG,  # room for the answers tests hold open
     }
     STARTUP_S = 180  # a deadline, not a guess: a busy machine may take this long to import and bind
     PORT_ATTEMPTS = 5

@@ -13,7 +13,7 @@ from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.types import GenerationResult
 from mlx_jupyter.engine.worker import WorkerProcess
-from tests.models import PYDOC, TINY
+from tests.models import LONG, PYDOC, TINY
 
 # Different lengths, budgets and stop strings, on the trained model: its greedy answers
 # differ from prompt to prompt, so answers mixed up between batch rows would show at once.
@@ -76,7 +76,7 @@ def test_a_seeded_sampled_request_runs_alone_and_reproduces_its_seed_among_batch
 def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(make_manager):
     # Served one at a time, the short request would wait for 100k tokens (minutes).
     manager = make_manager()
-    long = manager.stream_generate("x", model=TINY, max_tokens=30_000)
+    long = manager.stream_generate("x", model=TINY, max_tokens=LONG)
     next(long)
     try:
         (short,) = _run_concurrently(manager, [{"prompt": "Hello", "max_tokens": 20}])
@@ -121,7 +121,7 @@ def _drain(frames: queue.SimpleQueue, on_token=None) -> tuple[str, dict[str, Any
 def test_cancelling_one_request_mid_batch_ends_it_in_the_worker_and_the_others_finish_unchanged(worker):
     requests = [{"prompt": f"{word}", "max_tokens": 150} for word in ("abc", "Hello", "12345")]
     expected = [_drain(_submit(worker, f"alone-{i}", **r))[0] for i, r in enumerate(requests)]
-    victim = _submit(worker, "victim", prompt="x", max_tokens=30_000)
+    victim = _submit(worker, "victim", prompt="x", max_tokens=LONG)
     others = [_submit(worker, f"batched-{i}", **r) for i, r in enumerate(requests)]
     results: list[Any] = [None] * len(others)
 
@@ -136,7 +136,7 @@ def test_cancelling_one_request_mid_batch_ends_it_in_the_worker_and_the_others_f
     for t in threads:
         t.join(30)
     assert done["type"] == p.T_DONE and done["finish_reason"] == "cancelled", done
-    assert 20 <= done["usage"]["completion_tokens"] < 30_000 and tokens == done["usage"]["completion_tokens"]
+    assert 20 <= done["usage"]["completion_tokens"] < LONG and tokens == done["usage"]["completion_tokens"]
     for (got, final, count), want in zip(results, expected, strict=True):
         assert final["finish_reason"] == "length" and count == 150
         assert got == want

@@ -26,7 +26,7 @@ from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
 from tests.live_server import LiveServer
-from tests.models import TINY, TINY_A
+from tests.models import LONG, LONG_AT_DEFAULT_LIMIT, TINY, TINY_A
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 CELL_TIMEOUT_S = 180
@@ -173,7 +173,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
         # That proves the cancel without racing the answer's natural end against a clock.
         tokens = f'mlx_generated_tokens_total{{model="{TINY}"}}'
         tokens_before = metric(live, tokens)
-        msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello")  # the server's max_tokens_limit is 8192
+        msg_id = kc.execute(f"%%mlx --raw --max-tokens {LONG}\nHello")
         assert wait_for(lambda: [m["active_requests"] for m in live.models()] == [1], timeout=60, interval=0.1), (
             "the generation did not start on the server"
         )
@@ -290,7 +290,7 @@ def test_a_worker_killed_mid_answer_on_the_server_is_one_line(
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
-    result, out = run_cell(shell, "%%mlx --raw --max-tokens 8000\nHello")
+    result, out = run_cell(shell, f"%%mlx --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, ClientError) and result.error_in_exec.code == "worker_crashed"
     assert "SIGKILL" in one_line(out)
     result, _ = run_cell(shell, "%%mlx --max-tokens 3\nagain")
@@ -410,7 +410,7 @@ def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_
             "pid = get_client().load('builtin:tiny')['pid']"
         )
         assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
-        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 8000\nHello")
+        msg_id = kc.execute(f"%%mlx -m builtin:tiny --raw --max-tokens {LONG_AT_DEFAULT_LIMIT}\nHello")
         while True:  # the first streamed display proves the generation is running
             msg = kc.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":

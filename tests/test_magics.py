@@ -23,7 +23,7 @@ from mlx_jupyter.kernel.magics import MLXMagics
 from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import LONG_AT_DEFAULT_LIMIT, TINY, TINY_A, TINY_B
 
 
 def engine() -> LocalClient:
@@ -278,7 +278,7 @@ def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell)
             _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG_AT_DEFAULT_LIMIT}\nHello")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
     partial = shell.user_ns["_mlx"]
@@ -298,7 +298,7 @@ def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG_AT_DEFAULT_LIMIT}\nHello")
     assert isinstance(result.error_in_exec, ClientError), result.error_in_exec
     assert "SIGKILL" in str(result.error_in_exec) and "fresh worker" in str(result.error_in_exec)
     assert "Traceback" not in out.stdout and len(out.stdout.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ import pytest
 
 from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
 from tests.helpers import Latch, SpawnSpy, pid_alive, wait_for
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def test_generate_streams_text_then_a_final_chunk_with_usage_and_timings(make_manager):
@@ -132,7 +132,7 @@ def test_lru_idle_model_is_evicted_to_make_room(make_manager, model_dir):
 
 def test_a_busy_model_is_never_evicted_and_the_waiter_gets_all_models_busy(make_manager, model_dir):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=1.5)
-    stream = manager.stream_generate("x", model=TINY_A, max_tokens=30_000)
+    stream = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(stream)
     pid = manager.status()[0].pid
     with pytest.raises(AllModelsBusyError, match="slots stayed busy"):
@@ -149,7 +149,7 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
     make_manager, model_dir
 ):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=60)
-    busy = manager.stream_generate("x", model=TINY_A, max_tokens=30_000)
+    busy = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(busy)  # tiny-a is busy and holds the only slot
     order = []
 
@@ -264,9 +264,9 @@ def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager
     )
     manager.load(TINY_A)
     manager.load(TINY_B)
-    busy_a = manager.stream_generate("x", model=TINY_A, max_tokens=30_000)
+    busy_a = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
-    busy_b = manager.stream_generate("x", model=TINY_B, max_tokens=30_000)
+    busy_b = manager.stream_generate("x", model=TINY_B, max_tokens=LONG)
     next(busy_b)
     third = threading.Thread(target=manager.load, args=(TINY,))
     third.start()

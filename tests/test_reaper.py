@@ -6,7 +6,7 @@ import logging
 import time
 
 from tests.helpers import commit_seam, wait_for
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def test_reaper_unloads_at_the_deadline_and_not_before(make_manager):
@@ -31,7 +31,7 @@ def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(make_manag
 
     def lease_just_before_commit(model):
         if not streams:
-            stream = manager.stream_generate("x", model=model, max_tokens=30_000, keep_alive=-1)
+            stream = manager.stream_generate("x", model=model, max_tokens=LONG, keep_alive=-1)
             next(stream)
             streams.append(stream)
 

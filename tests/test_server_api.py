@@ -21,7 +21,7 @@ from mlx_jupyter.engine.types import ModelStatus
 from mlx_jupyter.server import events, handlers, openai
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import eventually, pid_alive, wait_for, worker_pids
-from tests.models import BROKEN, TINY, TINY_A, TINY_B
+from tests.models import BROKEN, LONG, TINY, TINY_A, TINY_B
 from tests.server_calls import VALID, assert_error, assert_still_serves, check_bad_requests, get, ok_json, post, scrape
 
 METHODS = ("get", "post", "put", "patch", "delete")
@@ -367,7 +367,7 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
 async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
     manager.load(TINY)
     # Greedy on "x" never meets the end token: the answer cannot finish before the hang.
-    body = {"prompt": "x", "max_tokens": 30_000, "temperature": 0}
+    body = {"prompt": "x", "max_tokens": LONG, "temperature": 0}
     answer = asyncio.ensure_future(post(jp_fetch, path, body))
     for _ in range(500):  # until the request holds the worker
         if manager.status()[0].active_requests:

@@ -14,12 +14,12 @@ from jupyter_server.utils import url_path_join
 
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import eventually
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import LONG, TINY, TINY_A, TINY_B
 from tests.server_calls import VALID, assert_error, assert_still_serves, get, ok_json, post, scrape
 
 # Greedy on "x" never meets the end token: a stream that lasts as long as a test holds it.
-ENDLESS = {"prompt": "x", "max_tokens": 30_000, "temperature": 0, "stream": True}
-LONG_ANSWERS = {"max_tokens_limit": 30_000}
+ENDLESS = {"prompt": "x", "max_tokens": LONG, "temperature": 0, "stream": True}
+LONG_ANSWERS = {"max_tokens_limit": LONG}
 TWO_THREADS = LONG_ANSWERS | {"request_threads": 2, "queue_timeout": 1}
 
 
@@ -183,7 +183,7 @@ async def test_a_client_that_leaves_is_a_499_and_one_info_line_not_a_server_erro
 async def test_a_client_that_leaves_while_its_answer_has_no_text_yet_is_cancelled_at_once(jp_fetch, raw, manager):
     # builtin:tiny answers "é" with byte tokens that never complete a character: 30,000
     # tokens (half a minute here) without one chunk of text until the very end.
-    body = {"prompt": "é", "max_tokens": 30_000, "temperature": 0, "stream": True}
+    body = {"prompt": "é", "max_tokens": LONG, "temperature": 0, "stream": True}
     client = await raw("mlx/api/generate", body)
     assert await eventually(lambda: manager.health()["active_requests"] == 1, timeout=60)
     await client.leave()

@@ -18,7 +18,7 @@ from mlx_jupyter import sse
 from tests import live_server
 from tests.helpers import child_pids, pid_alive, wait_for
 from tests.live_server import LiveServer
-from tests.models import TINY, TINY_A, TINY_B
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def test_a_live_server_whose_port_is_taken_before_it_binds_starts_on_another(tmp_path, model_dir, monkeypatch):
@@ -78,7 +78,7 @@ def test_native_stream_sends_text_chunks_then_a_final_event(live):
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_generation(live):
     # Never unloaded behind the test's back, however slow the machine: the last request's keep_alive 0 unloads it.
-    body = {"model": TINY_A, "prompt": "x", "max_tokens": 8000, "stream": True, "keep_alive": -1}
+    body = {"model": TINY_A, "prompt": "x", "max_tokens": LONG, "stream": True, "keep_alive": -1}
     stream = live.stream("mlx/api/generate", body)
     for _ in range(3):
         next(stream)
@@ -125,7 +125,7 @@ def test_events_report_load_ready_busy_idle_and_unload(live):
 
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "jupyter server stop"])
 def test_stopping_the_server_mid_stream_leaves_no_worker_process(live, how):
-    stream = live.stream("mlx/api/generate", {"prompt": "x", "max_tokens": 8000, "stream": True})
+    stream = live.stream("mlx/api/generate", {"prompt": "x", "max_tokens": LONG, "stream": True})
     next(stream)
     pid = live.models()[0]["pid"]
     assert pid_alive(pid)

@@ -27,7 +27,7 @@ from mlx_jupyter.engine.worker import WorkerProcess
 from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
 from tests.helpers import wait_for
-from tests.models import PYDOC, TINY
+from tests.models import LONG, PYDOC, TINY
 
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = ("MLX_JUPYTER_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
@@ -100,13 +100,13 @@ def _send_raw(worker: WorkerProcess, data: bytes) -> None:
 
 def test_requests_beyond_the_batch_wait_without_started_and_take_free_rows_in_arrival_order(spawn_worker):
     worker = spawn_worker(batch_size=2)
-    a = _submit(worker, "a", prompt="x", max_tokens=30_000)
-    b = _submit(worker, "b", prompt="y", max_tokens=30_000)
+    a = _submit(worker, "a", prompt="x", max_tokens=LONG)
+    b = _submit(worker, "b", prompt="y", max_tokens=LONG)
     for frames in (a, b):
         _next(frames, p.T_STARTED)
         _next(frames, p.T_TOKEN)
-    c = _submit(worker, "c", prompt="Hello", max_tokens=30_000)
-    d = _submit(worker, "d", prompt="abc", max_tokens=30_000)
+    c = _submit(worker, "c", prompt="Hello", max_tokens=LONG)
+    d = _submit(worker, "d", prompt="abc", max_tokens=LONG)
     _settle(worker, a)
     assert c.empty() and d.empty(), "a request was started while both rows were decoding"
     worker.cancel("a")
@@ -227,7 +227,7 @@ BAD_FRAMES = {
 @pytest.mark.parametrize("bad", BAD_FRAMES, ids=list(BAD_FRAMES))
 def test_the_worker_answers_a_bad_frame_for_its_request_id_and_keeps_serving_the_others(spawn_worker, bad):
     worker = spawn_worker()
-    running = _submit(worker, "running", prompt="x", max_tokens=30_000)
+    running = _submit(worker, "running", prompt="x", max_tokens=LONG)
     _next(running, p.T_STARTED)
     data, reason = BAD_FRAMES[bad]
     answer = worker.open("bad")
@@ -351,10 +351,10 @@ def test_cancels_for_requests_the_worker_does_not_have_are_not_kept():
 def test_a_cancel_right_behind_its_generate_still_cancels_it(spawn_worker):
     worker = spawn_worker()
     # A seeded sampled request runs alone: the main loop reads no message until it ends.
-    solo = _submit(worker, "solo", prompt="x", max_tokens=30_000, temperature=0.9, seed=1)
+    solo = _submit(worker, "solo", prompt="x", max_tokens=LONG, temperature=0.9, seed=1)
     _next(solo, p.T_STARTED)
     _next(solo, p.T_TOKEN)
-    late = _submit(worker, "late", prompt="y", max_tokens=30_000)
+    late = _submit(worker, "late", prompt="y", max_tokens=LONG)
     worker.cancel("late")
     for i in range(1000):
         worker.cancel(f"unknown-{i}")
