@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,12 +19,13 @@ import pytest
 from jupyter_server.serverapp import ServerApp
 from traitlets.config import Config
 
-from mlx_jupyter.engine import locks
+from mlx_jupyter.engine import locks, protocol
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
+from mlx_jupyter.engine.worker import WorkerProcess
 from tests.helpers import child_pids, pid_alive, wait_for
 from tests.live_server import LiveServer
-from tests.models import BROKEN, TINY, TINY_A, TINY_B
+from tests.models import BROKEN, TINY, TINY_A, TINY_B, TINY_CONTEXT
 
 if TYPE_CHECKING:
     from mlx_jupyter.server.app import MLXExtension
@@ -91,7 +92,7 @@ def make_manager():
         kwargs.setdefault("queue_timeout", 30)
         kwargs.setdefault("first_token_timeout", 30)
         kwargs.setdefault("token_timeout", 10)
-        kwargs.setdefault("max_tokens_limit", 32768)  # tiny's whole context: room for streams tests hold open
+        kwargs.setdefault("max_tokens_limit", TINY_CONTEXT)  # room for the answers tests hold open
         manager = cls(**kwargs)
         made.append(manager)
         return manager
@@ -100,6 +101,24 @@ def make_manager():
     for manager in made:
         manager.shutdown()
     assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
+
+
+@pytest.fixture
+def spawn_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes with the tiny model loaded (``batch_size`` rows, the worker's
+    default when not given), to drive through the frame protocol; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def spawn(batch_size: int = protocol.BATCH_SIZE) -> WorkerProcess:
+        process = WorkerProcess(TINY)
+        started.append(process)
+        process.spawn(60)
+        process.load(str(builtin_model_path("tiny")), 120, batch_size=batch_size)
+        return process
+
+    yield spawn
+    for process in started:
+        process.stop()
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-TINY = "builtin:tiny"  # random weights, 32768-token context: the fastest real model
+TINY = "builtin:tiny"  # random weights: the fastest real model
+TINY_CONTEXT = 32768  # tokens, prompt and answer together
 PYDOC = "builtin:pydoc"  # trained on Python's documentation: for tests that need real text
 # conftest's ``model_dir`` holds two copies of the tiny model under these ids.
 TINY_A = "tiny-a"
@@ -11,7 +12,7 @@ TINY_B = "tiny-b"
 BROKEN = "tiny-broken"
 
 # max_tokens of an answer that must still be running when the test acts (greedy on "x" never
-# meets tiny's end token): tens of seconds of tokens, within tiny's context. A host that runs
+# meets tiny's end token): tens of seconds of tokens, within TINY_CONTEXT. A host that runs
 # such answers raises its ``max_tokens_limit`` (8192 by default) to at least this.
 LONG = 30_000
 # The same, for the one host the tests cannot raise the limit of: the kernel's own engine.
