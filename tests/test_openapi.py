@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from importlib.resources import files
 from typing import Any
 
@@ -16,6 +14,7 @@ import mlx_jupyter
 from mlx_jupyter import sse
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
+from tests.helpers import eventually
 from tests.models import TINY
 
 SPEC: dict[str, Any] = json.loads(files("mlx_jupyter.server").joinpath("openapi.json").read_text(encoding="utf-8"))
@@ -254,16 +253,13 @@ async def test_openai_completion_whole_and_streamed(jp_fetch):
 async def test_model_events_stream(jp_fetch, jp_serverapp):
     received: list[bytes] = []
 
-    async def until(marker: bytes) -> None:
-        deadline = time.monotonic() + 10
-        while marker not in b"".join(received):
-            assert time.monotonic() < deadline, f"no {marker!r} in {b''.join(received)!r}"
-            await asyncio.sleep(0.02)
+    def sent(name: str) -> bool:
+        return name in [e.event for e in sse.parse(b"".join(received))]
 
     stream = jp_fetch("mlx", "api", "events", streaming_callback=received.append)
-    await until(b"event: snapshot")
+    assert await eventually(lambda: sent("snapshot"), timeout=10), b"".join(received)
     await request(jp_fetch, "post", "/mlx/api/models/load", {"model": TINY})
-    await until(b"event: ready")
+    assert await eventually(lambda: sent("ready"), timeout=10), b"".join(received)
     jp_serverapp.web_app.settings["mlx_events"].close()  # ends every event stream
     response = await stream
     assert response.headers["Content-Type"] == "text/event-stream"
