@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -33,11 +32,12 @@ from engine_vs_direct import (  # noqa: E402  (this folder is on sys.path when r
     write_atomically,
 )
 
+from mlx_jupyter import sse  # noqa: E402
 from mlx_jupyter.engine import WorkerManager  # noqa: E402
 from mlx_jupyter.engine.errors import ModelNotFoundError  # noqa: E402
 from mlx_jupyter.engine.models import ModelResolver, cache_dir  # noqa: E402
 from tests.helpers import pid_alive, wait_for  # noqa: E402
-from tests.test_server_live import LiveServer, free_port  # noqa: E402
+from tests.live_server import LiveServer, free_port  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = ("direct", "engine", "rest", "openai", "mlx_lm.server")
@@ -60,14 +60,14 @@ class ModelReport:
 # -- HTTP clients -----------------------------------------------------------------
 
 
-def sse(client: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[tuple[float, dict[str, Any]]]:
-    """(arrival time, data object) for each Server-Sent Event of a POST."""
+def post_events(client: httpx.Client, path: str, body: dict[str, Any]) -> Iterator[tuple[float, dict[str, Any]]]:
+    """(arrival time, data object) for each Server-Sent Event of a POST, OpenAI's ``[DONE]`` left out."""
     with client.stream("POST", path, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"POST {path} -> {response.status_code}: {response.read()!r}")
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                yield time.perf_counter(), json.loads(line[len("data: ") :])
+        for event in sse.events(response):
+            if event.data != sse.DONE:
+                yield time.perf_counter(), event.json()
 
 
 def timed_stream(events: Iterator[tuple[float, dict[str, Any]]], text_of: Callable[[dict], str]) -> Sample:
@@ -123,7 +123,7 @@ def run_engine(manager: WorkerManager, model: str, prompt: str, max_tokens: int)
 
 def run_rest(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
-    return timed_stream(sse(client, "mlx/api/generate", body), lambda e: e.get("text") or "")
+    return timed_stream(post_events(client, "mlx/api/generate", body), lambda e: e.get("text") or "")
 
 
 def openai_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def openai_body(model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
 
 
 def run_openai(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> Sample:
-    return timed_stream(sse(client, "mlx/v1/completions", openai_body(model, prompt, max_tokens)), _choice_text)
+    return timed_stream(post_events(client, "mlx/v1/completions", openai_body(model, prompt, max_tokens)), _choice_text)
 
 
 class PeerServer:
@@ -168,7 +168,7 @@ class PeerServer:
             return False
 
     def run(self, prompt: str, max_tokens: int) -> Sample:
-        events = sse(self.client, "v1/completions", openai_body("default_model", prompt, max_tokens))
+        events = post_events(self.client, "v1/completions", openai_body("default_model", prompt, max_tokens))
         return timed_stream(events, _choice_text)
 
     def stop(self) -> None:
@@ -309,7 +309,7 @@ def bench_status_latency(report: ModelReport, live: LiveServer, samples: int, ma
 
     def stream(i: int) -> None:
         body = {"model": report.model, "prompt": f"{PROMPT} <{i}>", "max_tokens": max_tokens, "stream": True}
-        events = sse(live.client, "mlx/api/generate", body)
+        events = post_events(live.client, "mlx/api/generate", body)
         next(events)
         with lock:
             running[0] += 1

@@ -11,15 +11,24 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from jupyter_server.serverapp import ServerApp
 from traitlets.config import Config
 
-from mlx_jupyter.engine import locks
+from mlx_jupyter.engine import locks, protocol
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.engine.models import builtin_model_path
-from tests.helpers import child_pids, wait_for
+from mlx_jupyter.engine.worker import WorkerProcess
+from tests.helpers import child_pids, pid_alive, wait_for
+from tests.live_server import LiveServer
+from tests.models import BROKEN, TINY, TINY_A, TINY_B, TINY_CONTEXT
+
+if TYPE_CHECKING:
+    from mlx_jupyter.server.app import MLXExtension
 
 # The whole suite, child processes included, runs the checker in validate mode, and
 # builds the built-in model once per run in a private cache.
@@ -78,12 +87,12 @@ def make_manager():
 
     def make(cls: type[WorkerManager] = WorkerManager, **kwargs) -> WorkerManager:
         # The built-in default is builtin:pydoc; tests that need no real text use the faster tiny model.
-        kwargs.setdefault("default_model", "builtin:tiny")
+        kwargs.setdefault("default_model", TINY)
         kwargs.setdefault("idle_timeout", 0)
         kwargs.setdefault("queue_timeout", 30)
         kwargs.setdefault("first_token_timeout", 30)
         kwargs.setdefault("token_timeout", 10)
-        kwargs.setdefault("max_tokens_limit", 32768)  # tiny's whole context: room for streams tests hold open
+        kwargs.setdefault("max_tokens_limit", TINY_CONTEXT)  # room for the answers tests hold open
         manager = cls(**kwargs)
         made.append(manager)
         return manager
@@ -94,27 +103,72 @@ def make_manager():
     assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
 
 
+@pytest.fixture
+def spawn_worker() -> Iterator[Callable[..., WorkerProcess]]:
+    """Start real worker processes with the tiny model loaded (``batch_size`` rows, the worker's
+    default when not given), to drive through the frame protocol; all are stopped after the test."""
+    started: list[WorkerProcess] = []
+
+    def spawn(batch_size: int = protocol.BATCH_SIZE) -> WorkerProcess:
+        process = WorkerProcess(TINY)
+        started.append(process)
+        process.spawn(60)
+        process.load(str(builtin_model_path("tiny")), 120, batch_size=batch_size)
+        return process
+
+    yield spawn
+    for process in started:
+        process.stop()
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A model_dirs folder with two copies of the built-in model, ``tiny-a`` and ``tiny-b``."""
     root = tmp_path_factory.mktemp("models")
-    for name in ("tiny-a", "tiny-b"):
+    for name in (TINY_A, TINY_B):
         shutil.copytree(builtin_model_path("tiny"), root / name)
     return root
 
 
 @pytest.fixture
-def mlx_config() -> dict:
-    """MLXExtension settings for the in-process Jupyter server (tests may change them)."""
+def live(tmp_path, model_dir) -> Iterator[LiveServer]:
+    """A `jupyter server` process with our extension and ``model_dir``'s models (tests/live_server.py).
+
+    After the test, the kernels it started are shut down, and its workers must exit with it.
+    """
+    server = LiveServer(tmp_path, model_dir)
+    yield server
+    running = server.proc.poll() is None
+    workers = [m["pid"] for m in server.models()] if running else []
+    for kernel in server.client.get("api/kernels").json() if running else []:
+        server.client.delete(f"api/kernels/{kernel['id']}")
+    server.stop()
+    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
+
+
+@pytest.fixture(scope="session")
+def broken_model_dir(tmp_path_factory) -> Path:
+    """A model_dirs folder holding ``tiny-broken``: the built-in model with garbage weights."""
+    root = tmp_path_factory.mktemp("broken-models")
+    shutil.copytree(builtin_model_path(), root / BROKEN)
+    (root / BROKEN / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 8)
+    return root
+
+
+@pytest.fixture
+def mlx_config(model_dir, broken_model_dir, request) -> dict:
+    """MLXExtension settings for the in-process Jupyter server, with both model folders; a module
+    changes them by overriding this fixture, a test by indirect parametrize."""
     return {
-        "default_model": "builtin:tiny",
+        "default_model": TINY,
         "idle_timeout": 0,
         "queue_timeout": 10,
         "first_token_timeout": 30,
         "token_timeout": 10,
         "max_tokens_limit": 1000,
         "max_body_bytes": 512 * 1024,  # room for a prompt longer than tiny's 32768-token context
-    }
+        "model_dirs": [str(model_dir), str(broken_model_dir)],
+    } | getattr(request, "param", {})
 
 
 @pytest.fixture
@@ -129,6 +183,30 @@ def jp_server_config(mlx_config):
             "MLXExtension": mlx_config,
         }
     )
+
+
+@pytest.fixture
+def jp_asyncio_loop(jp_asyncio_loop, request):
+    """pytest-jupyter's loop, wrapped. Its teardown runs after the in-process server's (the autouse
+    ``jp_server_cleanup``, which stops the server and our extension, requests the loop): by then a
+    test that started the server may have left no process behind (a model worker least of all)."""
+    yield jp_asyncio_loop
+    if "jp_serverapp" in request.fixturenames:
+        assert not ServerApp.initialized(), "this check must run after the Jupyter server's teardown"
+        assert wait_for(lambda: not child_pids(), timeout=10), f"processes outlived the server: {child_pids()}"
+
+
+@pytest.fixture
+def manager(jp_serverapp) -> WorkerManager:
+    """The in-process Jupyter server's engine."""
+    return jp_serverapp.web_app.settings["mlx_manager"]
+
+
+@pytest.fixture
+def extension(jp_serverapp) -> MLXExtension:
+    """The in-process Jupyter server's MLXExtension."""
+    (app,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
+    return app
 
 
 @pytest.fixture
@@ -152,6 +230,7 @@ def shell():
     sh.run_line_magic("load_ext", "mlx_jupyter")
     sh.run_line_magic("config", "MLXMagics.server = 'local'")
     sh.run_line_magic("config", "MLXMagics.idle_timeout = 0")
+    sh.run_line_magic("config", f"MLXMagics.max_tokens_limit = {TINY_CONTEXT}")  # room for LONG answers
     yield sh
     mlx_client.reset_client()
     InteractiveShell.clear_instance()

@@ -1,8 +1,10 @@
-"""Test helpers: polling with a deadline, finding this process's children, running IPython cells."""
+"""Test helpers: polling with a deadline, finding this process's children (and workers), running IPython cells."""
 
 from __future__ import annotations
 
 import _thread
+import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +21,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: f
     return bool(predicate())
 
 
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` while letting the event loop run, until true or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def child_pids(parent: int | None = None) -> list[int]:
     """Live (non-zombie) child processes of ``parent`` (default: this process), from /proc."""
     parent = os.getpid() if parent is None else parent
@@ -30,6 +42,16 @@ def child_pids(parent: int | None = None) -> list[int]:
             continue
         if int(fields[1]) == parent and fields[0] != "Z":
             found.append(int(stat.parent.name))
+    return found
+
+
+def worker_pids() -> list[int]:
+    """This process's live children that run a model worker."""
+    found = []
+    for pid in child_pids():
+        with contextlib.suppress(OSError):
+            if b"worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
     return found
 
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 from typing import Any
 
-import pytest
-
 from mlx_jupyter.engine import protocol as p
-from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.types import GenerationResult
-from mlx_jupyter.engine.worker import WorkerProcess
-
-TINY = "builtin:tiny"
-
-PYDOC = "builtin:pydoc"
+from tests.models import LONG, PYDOC, TINY
+from tests.worker_frames import drain, submit
 
 # Different lengths, budgets and stop strings, on the trained model: its greedy answers
 # differ from prompt to prompt, so answers mixed up between batch rows would show at once.
@@ -79,7 +71,7 @@ def test_a_seeded_sampled_request_runs_alone_and_reproduces_its_seed_among_batch
 def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(make_manager):
     # Served one at a time, the short request would wait for 100k tokens (minutes).
     manager = make_manager()
-    long = manager.stream_generate("x", model=TINY, max_tokens=30_000)
+    long = manager.stream_generate("x", model=TINY, max_tokens=LONG)
     next(long)
     try:
         (short,) = _run_concurrently(manager, [{"prompt": "Hello", "max_tokens": 20}])
@@ -89,67 +81,37 @@ def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(make_manager)
         long.close()
 
 
-@pytest.fixture
-def worker():
-    """A real worker process with the tiny model, driven through the frame protocol."""
-    process = WorkerProcess(TINY)
-    process.spawn(60)
-    try:
-        process.load(str(builtin_model_path("tiny")), 120)
-        yield process
-    finally:
-        process.stop()
-
-
-def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
-    frames = worker.open(rid)
-    request = GenerationRequest.parse(kwargs, Limits(max_tokens=32768))
-    worker.send({"op": p.OP_GENERATE, "request_id": rid, **request.worker_message()})
-    return frames
-
-
-def _drain(frames: queue.SimpleQueue, on_token=None) -> tuple[str, dict[str, Any], int]:
-    """Text, final frame and number of token frames of one request."""
-    texts = []
-    while True:
-        frame = frames.get(timeout=30)
-        if frame["type"] == p.T_TOKEN:
-            texts.append(frame["text"])
-            if on_token is not None:
-                on_token(len(texts))
-        elif frame["type"] in (p.T_DONE, p.T_ERROR):
-            return "".join(texts), frame, len(texts)
-
-
-def test_cancelling_one_request_mid_batch_ends_it_in_the_worker_and_the_others_finish_unchanged(worker):
+def test_cancelling_one_request_mid_batch_ends_it_in_the_worker_and_the_others_finish_unchanged(spawn_worker):
+    worker = spawn_worker()
     requests = [{"prompt": f"{word}", "max_tokens": 150} for word in ("abc", "Hello", "12345")]
-    expected = [_drain(_submit(worker, f"alone-{i}", **r))[0] for i, r in enumerate(requests)]
-    victim = _submit(worker, "victim", prompt="x", max_tokens=30_000)
-    others = [_submit(worker, f"batched-{i}", **r) for i, r in enumerate(requests)]
+    expected = [drain(submit(worker, f"alone-{i}", **r))[0] for i, r in enumerate(requests)]
+    victim = submit(worker, "victim", prompt="x", max_tokens=LONG)
+    others = [submit(worker, f"batched-{i}", **r) for i, r in enumerate(requests)]
     results: list[Any] = [None] * len(others)
 
-    def drain(i: int) -> None:
-        results[i] = _drain(others[i])
+    def collect(i: int) -> None:
+        results[i] = drain(others[i])
 
-    threads = [threading.Thread(target=drain, args=(i,)) for i in range(len(others))]
+    threads = [threading.Thread(target=collect, args=(i,)) for i in range(len(others))]
     for t in threads:
         t.start()
     # Cancel once the victim has streamed a while, with the others in the batch beside it.
-    _, done, tokens = _drain(victim, on_token=lambda n: n == 20 and worker.cancel("victim"))
+    _, done, tokens = drain(victim, on_token=lambda n: n == 20 and worker.cancel("victim"))
     for t in threads:
         t.join(30)
     assert done["type"] == p.T_DONE and done["finish_reason"] == "cancelled", done
-    assert 20 <= done["usage"]["completion_tokens"] < 30_000 and tokens == done["usage"]["completion_tokens"]
+    assert 20 <= done["usage"]["completion_tokens"] < LONG and tokens == done["usage"]["completion_tokens"]
     for (got, final, count), want in zip(results, expected, strict=True):
         assert final["finish_reason"] == "length" and count == 150
         assert got == want
 
 
-def test_an_empty_prompt_fails_alone_while_a_batched_request_finishes(worker):
-    good = _submit(worker, "good", prompt="Hello", max_tokens=30)
+def test_an_empty_prompt_fails_alone_while_a_batched_request_finishes(spawn_worker):
+    worker = spawn_worker()
+    good = submit(worker, "good", prompt="Hello", max_tokens=30)
     frames = worker.open("empty")
     worker.send({"op": p.OP_GENERATE, "request_id": "empty", "prompt": "", "max_tokens": 5, "stop": []})
-    _, bad, _ = _drain(frames)
+    _, bad, _ = drain(frames)
     assert bad["type"] == p.T_ERROR and bad["code"] == "invalid_request" and "empty" in bad["message"]
-    _, done, count = _drain(good)
+    _, done, count = drain(good)
     assert done["finish_reason"] == "length" and count == 30

@@ -15,6 +15,7 @@ from mlx_jupyter.engine import WorkerManager
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import child_pids, wait_for
+from tests.models import PYDOC, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
 # Short words any sentence of English prose about Python is bound to use.
@@ -51,7 +52,7 @@ def english_problems(text: str) -> list[str]:
 
 
 def test_pydoc_is_the_default_model_of_the_engine_and_the_server() -> None:
-    assert DEFAULT_MODEL == "builtin:pydoc"
+    assert DEFAULT_MODEL == PYDOC
     with WorkerManager() as manager:
         assert manager.default_model == DEFAULT_MODEL
     assert MLXExtension().default_model == DEFAULT_MODEL
@@ -62,8 +63,8 @@ def test_a_request_naming_no_model_gets_english_about_python_from_builtin_pydoc(
         result = manager.generate("The for statement", max_tokens=40)
         statuses = manager.status()
 
-    assert [s.id for s in statuses] == ["builtin:pydoc"]
-    assert result.model == "builtin:pydoc"
+    assert [s.id for s in statuses] == [PYDOC]
+    assert result.model == PYDOC
     assert result.finish_reason in ("length", "stop")
     assert english_problems(result.text) == [], result.text
     assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
@@ -73,7 +74,7 @@ def test_the_english_check_rejects_the_random_weights_of_builtin_tiny(make_manag
     # The check must be able to fail: the untrained model's greedy output does not pass it.
     manager = make_manager()
 
-    text = manager.generate("The for statement", model="builtin:tiny", max_tokens=40).text
+    text = manager.generate("The for statement", model=TINY, max_tokens=40).text
 
     assert english_problems(text) != [], text
 

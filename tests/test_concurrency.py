@@ -18,6 +18,7 @@ from mlx_jupyter.engine.errors import AllModelsBusyError, ModelNotFoundError
 from mlx_jupyter.engine.locks import LOCK_RANKS, LockOrderViolation
 from tests.abba import BeforeFixManager, run_interleaving
 from tests.helpers import SpawnSpy, child_pids, commit_seam, wait_for
+from tests.models import TINY, TINY_A, TINY_B
 
 # Errors a request may get under load by design; anything else fails the stress tests.
 DOCUMENTED = (AllModelsBusyError, ModelNotFoundError)
@@ -28,7 +29,7 @@ def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager,
     met = []
 
     def after_spawn(model, worker):
-        if model == "tiny-b":
+        if model == TINY_B:
             loader_spawned.set()
             met.append(("loader", reaper_committing.wait(20)))
 
@@ -43,23 +44,23 @@ def test_case_1_idle_deadline_fires_while_another_model_is_loading(make_manager,
         warm_spare=False,
         spawn=SpawnSpy(after=after_spawn),
     )
-    manager.load("tiny-a", keep_alive=3600)
+    manager.load(TINY_A, keep_alive=3600)
     manager.before_commit = before_commit
     results = []
-    loader = threading.Thread(target=lambda: results.append(manager.generate("x", model="tiny-b", max_tokens=2)))
+    loader = threading.Thread(target=lambda: results.append(manager.generate("x", model=TINY_B, max_tokens=2)))
     loader.start()
     assert loader_spawned.wait(20)
     # tiny-a's deadline passes now, while tiny-b's worker is spawned but not yet loaded.
-    manager.generate("x", model="tiny-a", max_tokens=1, keep_alive=0)
+    manager.generate("x", model=TINY_A, max_tokens=1, keep_alive=0)
     loader.join(30)
     assert sorted(met) == [("loader", True), ("reaper", True)], "the two paths did not overlap"
     assert results and results[0].finish_reason == "length"
-    assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-b"], timeout=5)
+    assert wait_for(lambda: [s.id for s in manager.status()] == [TINY_B], timeout=5)
 
 
 def test_case_2_ten_concurrent_requests_complete_and_log_acquisitions_in_rank_order(make_manager, caplog):
     manager = make_manager()
-    manager.load("builtin:tiny")
+    manager.load(TINY)
     caplog.set_level(logging.DEBUG, logger="mlx_jupyter.engine.locks")
     locks.set_mode("observe")
     try:
@@ -97,13 +98,13 @@ def test_case_3_rapid_switching_under_load_with_one_slot_and_a_tiny_idle_timeout
     seconds = float(os.environ.get("MLX_JUPYTER_STRESS_SECONDS", "10"))
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=1, idle_timeout=0.05, queue_timeout=60)
     deadline = time.monotonic() + seconds
-    served = {"tiny-a": 0, "tiny-b": 0}
+    served = {TINY_A: 0, TINY_B: 0}
     documented, unexpected = [], []
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
         while time.monotonic() < deadline:
-            model = rng.choice(["tiny-a", "tiny-b"])
+            model = rng.choice([TINY_A, TINY_B])
             try:
                 if rng.random() < 0.1:
                     manager.unload(model)
@@ -127,7 +128,7 @@ def test_case_3_rapid_switching_under_load_with_one_slot_and_a_tiny_idle_timeout
         t.join(seconds + 120)
     assert not any(t.is_alive() for t in threads), "a client is stuck: deadlock?"
     assert not unexpected, unexpected[:3]
-    assert served["tiny-a"] and served["tiny-b"]
+    assert served[TINY_A] and served[TINY_B]
     manager.shutdown()
     assert wait_for(lambda: not child_pids(), timeout=10)
 
@@ -207,7 +208,7 @@ def test_case_5_seeded_delay_injection_sweep_finds_no_violation(make_manager, mo
         def client(i: int, seed: int = seed) -> None:
             crng = random.Random(seed * 100 + i)
             for _ in range(3):
-                model = crng.choice(["tiny-a", "tiny-b", "builtin:tiny"])
+                model = crng.choice([TINY_A, TINY_B, TINY])
                 try:
                     action = crng.random()
                     if action < 0.15:

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import wait_for
-from tests.test_server_live import LiveServer
+from tests.live_server import LiveServer
+from tests.models import TINY, TINY_A, TINY_B
 
 CHROMIUM = Path("/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +29,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 PANEL = "#mlx-models-panel"
-TINY_ROW = f'{PANEL} tr.mlx-model[data-model="builtin:tiny"]'
+TINY_ROW = f'{PANEL} tr.mlx-model[data-model="{TINY}"]'
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (scripts/setup.sh installs it)")
 
@@ -127,15 +128,15 @@ def seconds_left(text: str) -> int:
 def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
     open_panel(page)
     page.wait_for_selector(f"{PANEL} .mlx-empty", state="visible")
-    page.wait_for_selector(f'{PANEL} .mlx-load-select option[value="builtin:tiny"]', state="attached")
+    page.wait_for_selector(f'{PANEL} .mlx-load-select option[value="{TINY}"]', state="attached")
     assert page.inner_text(".mlx-status-item") == "MLX: no model loaded"
     shot(page, "1-panel-empty")
 
-    page.select_option(f"{PANEL} .mlx-load-select", "builtin:tiny")
+    page.select_option(f"{PANEL} .mlx-load-select", TINY)
     page.click(f"{PANEL} .mlx-load-button")
     countdown = page.locator(f"{TINY_ROW} .mlx-model-countdown")
     countdown.filter(has_text="unloads in").wait_for()
-    assert [m["id"] for m in lab.models()] == ["builtin:tiny"]
+    assert [m["id"] for m in lab.models()] == [TINY]
     first = seconds_left(countdown.inner_text())
     assert IDLE_TIMEOUT - 10 <= first <= IDLE_TIMEOUT, first
     assert page.inner_text(f"{TINY_ROW} .mlx-model-state") == "idle"
@@ -158,10 +159,10 @@ def test_panel_loads_the_model_counts_down_and_unloads_it(page, lab):
 
     # A model another client loads shows up, counts down to zero, and goes when the reaper unloads it.
     # It is shown before its short keep-alive starts: a slow browser must not miss a row already gone.
-    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": -1}).status_code == 200
-    row = f'{PANEL} tr.mlx-model[data-model="tiny-a"]'
+    assert lab.client.post("mlx/api/models/load", json={"model": TINY_A, "keep_alive": -1}).status_code == 200
+    row = f'{PANEL} tr.mlx-model[data-model="{TINY_A}"]'
     page.wait_for_selector(row, state="visible")
-    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-a", "keep_alive": "6s"}).status_code == 200
+    assert lab.client.post("mlx/api/models/load", json={"model": TINY_A, "keep_alive": "6s"}).status_code == 200
     page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in 0:0").wait_for()
     page.wait_for_selector(row, state="detached", timeout=30_000)
     assert lab.models() == []
@@ -171,8 +172,8 @@ def test_panel_falls_back_to_polling_when_the_event_stream_fails(page_without_ev
     page = page_without_events
     open_panel(page)
     page.locator(f"{PANEL} .mlx-panel-mode").filter(has_text="polling the server").wait_for()
-    assert lab.client.post("mlx/api/models/load", json={"model": "tiny-b"}).status_code == 200
-    row = f'{PANEL} tr.mlx-model[data-model="tiny-b"]'
+    assert lab.client.post("mlx/api/models/load", json={"model": TINY_B}).status_code == 200
+    row = f'{PANEL} tr.mlx-model[data-model="{TINY_B}"]'
     page.locator(f"{row} .mlx-model-countdown").filter(has_text="unloads in").wait_for()
     shot(page, "4b-panel-polling")
     page.click(f"{row} .mlx-unload-button")
@@ -222,7 +223,7 @@ def test_quickstart_notebook_streams_mlx_output(page, lab):
     assert answer.text_content(), "no answer"
     assert footer.inner_text().startswith("builtin:tiny · 24 tokens"), footer.inner_text()
     last = outputs_of(page, "%mlx list")  # every cell ran, none failed
-    assert "builtin:tiny" in last.inner_text()
+    assert TINY in last.inner_text()
     assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0
     shot(page, "5-quickstart-notebook")
 
@@ -239,13 +240,13 @@ def test_dashboard_widget_ticks_in_the_browser_and_drives_the_server(page, lab):
     widget.wait_for(timeout=30_000)
     widget.locator(".mlx-empty").wait_for()
     assert "served by Jupyter server at" in page.locator(".mlx-dashboard-host").inner_text()
-    widget.locator('.mlx-load-select option[value="builtin:tiny"]').wait_for(state="attached")
-    widget.locator(".mlx-load-select").select_option("builtin:tiny")
+    widget.locator(f'.mlx-load-select option[value="{TINY}"]').wait_for(state="attached")
+    widget.locator(".mlx-load-select").select_option(TINY)
     widget.locator(".mlx-load-button").click()
-    row = widget.locator('tr.mlx-model[data-model="builtin:tiny"]')
+    row = widget.locator(f'tr.mlx-model[data-model="{TINY}"]')
     countdown = row.locator(".mlx-model-countdown")
     countdown.filter(has_text="unloads in").wait_for(timeout=60_000)
-    assert [m["id"] for m in lab.models()] == ["builtin:tiny"]
+    assert [m["id"] for m in lab.models()] == [TINY]
     first = seconds_left(countdown.inner_text())
     assert wait_for(lambda: seconds_left(countdown.inner_text()) <= first - 2, timeout=10, interval=0.25)
     # The lab's own views follow the same server.

@@ -23,9 +23,7 @@ from mlx_jupyter.engine.lifecycle import spawn_worker
 from mlx_jupyter.engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from mlx_jupyter.server.streaming import ChunkBridge
 from tests.helpers import SpawnSpy, commit_seam, pid_alive, wait_for
-
-TINY = "builtin:tiny"
-LONG = 30_000  # max_tokens of a stream that must still be running when the test acts
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def consume(stream, out: list) -> threading.Thread:
@@ -47,10 +45,10 @@ def consume(stream, out: list) -> threading.Thread:
 
 def test_huge_keep_alives_mean_never_and_the_reaper_keeps_unloading_the_others(make_manager, model_dir):
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=3)
-    manager.load("tiny-a", keep_alive="99999999h")
-    manager.generate("x", model="tiny-b", max_tokens=1, keep_alive=1e10)
+    manager.load(TINY_A, keep_alive="99999999h")
+    manager.generate("x", model=TINY_B, max_tokens=1, keep_alive=1e10)
     manager.load(TINY, keep_alive=0.2)
-    assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-a", "tiny-b"], timeout=10), (
+    assert wait_for(lambda: [s.id for s in manager.status()] == [TINY_A, TINY_B], timeout=10), (
         "the reaper stopped unloading idle models"
     )
     assert manager.health()["degraded_reason"] is None, "the reaper died"
@@ -135,9 +133,9 @@ def test_idle_deadlines_do_not_move_with_the_wall_clock(make_manager, monkeypatc
 def test_cancel_withdraws_a_queued_request_and_evicts_nothing_for_it(make_manager, model_dir):
     spawn = SpawnSpy()
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=1, warm_spare=False, spawn=spawn)
-    busy = manager.stream_generate("x", model="tiny-a", max_tokens=LONG)
+    busy = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(busy)
-    queued, out = manager.stream_generate("x", model="tiny-b", max_tokens=4), []
+    queued, out = manager.stream_generate("x", model=TINY_B, max_tokens=4), []
     consumer = consume(queued, out)
     assert wait_for(lambda: manager.health()["active_requests"] == 1 and len(manager._registry.waiters) == 1)
     queued.cancel()
@@ -146,8 +144,8 @@ def test_cancel_withdraws_a_queued_request_and_evicts_nothing_for_it(make_manage
     assert out[-1].finish_reason == "cancelled" and out[-1].usage["completion_tokens"] == 0
     assert manager._registry.waiters == []
     busy.close()
-    assert [s.id for s in manager.status()] == ["tiny-a"], "a model was evicted for a cancelled request"
-    assert spawn.models == ["tiny-a"]
+    assert [s.id for s in manager.status()] == [TINY_A], "a model was evicted for a cancelled request"
+    assert spawn.models == [TINY_A]
 
 
 def test_cancel_during_the_load_lets_the_load_finish_and_starts_no_generation(make_manager):

@@ -24,8 +24,7 @@ from mlx_jupyter.engine.errors import (
 )
 from mlx_jupyter.engine.models import builtin_model_path
 from tests.helpers import SpawnSpy, child_pids, pid_alive, wait_for
-
-TINY = "builtin:tiny"
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 @pytest.fixture
@@ -142,7 +141,7 @@ def test_sigkill_mid_stream_fails_every_in_flight_request_at_once(make_manager):
 
     def drain():
         try:
-            for _ in manager.stream_generate("x", model=TINY, max_tokens=30_000):
+            for _ in manager.stream_generate("x", model=TINY, max_tokens=LONG):
                 pass
         except WorkerCrashedError as exc:
             failures.append((exc, time.monotonic()))
@@ -168,17 +167,17 @@ def test_sigkill_mid_stream_fails_every_in_flight_request_at_once(make_manager):
 
 def test_a_hung_worker_is_killed_by_the_token_deadline_and_other_models_keep_serving(make_manager, model_dir):
     manager = make_manager(model_dirs=[str(model_dir)], max_loaded_models=2, token_timeout=1.0)
-    manager.load("tiny-b")
-    stream = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
+    manager.load(TINY_B)
+    stream = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(stream)
-    hung = next(s.pid for s in manager.status() if s.id == "tiny-a")
+    hung = next(s.pid for s in manager.status() if s.id == TINY_A)
     os.kill(hung, signal.SIGSTOP)
     with pytest.raises(WorkerTimeoutError, match=r"no next token within 1s and was killed"):
         for _ in stream:
             pass
     assert wait_for(lambda: not pid_alive(hung), timeout=5)
-    assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-b"], timeout=5)
-    assert manager.generate("x", model="tiny-b", max_tokens=2).finish_reason == "length"
+    assert wait_for(lambda: [s.id for s in manager.status()] == [TINY_B], timeout=5)
+    assert manager.generate("x", model=TINY_B, max_tokens=2).finish_reason == "length"
 
 
 def test_a_worker_hung_before_its_first_token_hits_the_first_token_deadline(make_manager):
@@ -195,7 +194,7 @@ def test_closing_the_stream_early_cancels_the_generation_in_the_worker(make_mana
     # If the cancel did not reach the worker it would go on for 100k tokens and the
     # next request on the same worker would miss its first-token deadline.
     manager = make_manager(first_token_timeout=5.0, idle_timeout=0)
-    stream = manager.stream_generate("x", model=TINY, max_tokens=30_000)
+    stream = manager.stream_generate("x", model=TINY, max_tokens=LONG)
     next(stream)
     stream.close()
     (status,) = manager.status()

@@ -25,7 +25,8 @@ from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
-from tests.test_server_live import LiveServer
+from tests.live_server import LiveServer
+from tests.models import LONG, TINY, TINY_A
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 CELL_TIMEOUT_S = 180
@@ -47,18 +48,6 @@ class ServerKernel(KernelManager):
     @property
     def has_kernel(self) -> bool:
         return True
-
-
-@pytest.fixture
-def server(tmp_path, model_dir):
-    live = LiveServer(tmp_path, model_dir)
-    live.tmp = tmp_path
-    yield live
-    workers = [m["pid"] for m in live.models()] if live.proc.poll() is None else []
-    for kernel in live.client.get("api/kernels").json() if live.proc.poll() is None else []:
-        live.client.delete(f"api/kernels/{kernel['id']}")
-    live.stop()
-    assert wait_for(lambda: not any(pid_alive(p) for p in workers if p), timeout=15), "workers outlived the server"
 
 
 @pytest.fixture
@@ -115,19 +104,19 @@ def idle(live: LiveServer) -> bool:
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "model_management.ipynb", "openai_client.ipynb"])
-def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers_models(server, name):
-    kernel_id, km = start_kernel(server)
-    before = generate_requests(server)
+def test_every_notebook_runs_in_a_kernel_the_server_started_and_uses_the_servers_models(live, name):
+    kernel_id, km = start_kernel(live)
+    before = generate_requests(live)
     nb = run_notebook(name, km)
     output = text_of(nb)
     if name != "openai_client.ipynb":
-        assert f"models served by Jupyter server at {server.url}" in output
-        assert generate_requests(server) > before, "the notebook's cells did not reach the server's API"
+        assert f"models served by Jupyter server at {live.url}" in output
+        assert generate_requests(live) > before, "the notebook's cells did not reach the server's API"
     else:
-        assert "builtin:tiny" in output
-    metrics = server.client.get("metrics").text
+        assert TINY in output
+    metrics = live.client.get("metrics").text
     assert re.search(r"mlx_model_loads_total\{[^}]*\} [1-9]|mlx_model_loads_total [1-9]", metrics), metrics[-2000:]
-    server.client.delete(f"api/kernels/{kernel_id}")
+    live.client.delete(f"api/kernels/{kernel_id}")
 
 
 async def test_the_extension_exports_url_and_token_while_the_server_runs(jp_serverapp, jp_base_url):
@@ -156,45 +145,45 @@ def test_discovery_tries_the_exported_url_then_the_runtime_file_then_nothing_for
 
 
 def test_a_kernel_finds_the_server_through_its_runtime_file_when_the_exported_url_is_dead(
-    server, monkeypatch, refusing_url
+    live, monkeypatch, refusing_url
 ):
     monkeypatch.setenv(ENV_URL, refusing_url)  # tried first, refuses
     monkeypatch.setenv(ENV_TOKEN, "stale")
-    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(server.tmp / "runtime"))
-    monkeypatch.setenv("JPY_PARENT_PID", str(server.proc.pid))
-    assert mlx_client.runtime_file_server() == (server.url, server.token)
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(live.tmp / "runtime"))
+    monkeypatch.setenv("JPY_PARENT_PID", str(live.proc.pid))
+    assert mlx_client.runtime_file_server() == (live.url, live.token)
     found = mlx_client.discover(mlx_client.Discovery())
-    assert isinstance(found, mlx_client.ServerClient) and found.url == server.url
+    assert isinstance(found, mlx_client.ServerClient) and found.url == live.url
     assert found.health()["status"] == "ok"
     found.close()
 
 
-def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
-    kernel_id, km = start_kernel(server)
+def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
+    kernel_id, km = start_kernel(live)
     kc = km.client()
     kc.start_channels()
     try:
         kc.wait_for_ready(timeout=60)
         assert kc.execute_interactive("%load_ext mlx_jupyter", timeout=60)["content"]["status"] == "ok"
         exported = kc.execute_interactive(
-            f"import os; assert os.environ['MLX_JUPYTER_SERVER_URL'] == {server.url!r}", timeout=30
+            f"import os; assert os.environ['MLX_JUPYTER_SERVER_URL'] == {live.url!r}", timeout=30
         )
         assert exported["content"]["status"] == "ok", "the server did not export its URL to the kernel"
         # A finished answer adds its tokens to this counter; a cancelled one adds none.
         # That proves the cancel without racing the answer's natural end against a clock.
-        tokens = 'mlx_generated_tokens_total{model="builtin:tiny"}'
-        tokens_before = metric(server, tokens)
+        tokens = f'mlx_generated_tokens_total{{model="{TINY}"}}'
+        tokens_before = metric(live, tokens)
         # stop_on_error=False: the interrupt fails this cell, and ipykernel would abort a request
         # that arrives right after it (the next cell of this test).
-        msg_id = kc.execute("%%mlx --raw --max-tokens 8000\nHello", stop_on_error=False)  # max_tokens_limit is 8192
-        assert wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=60, interval=0.1), (
+        msg_id = kc.execute(f"%%mlx --raw --max-tokens {LONG}\nHello", stop_on_error=False)
+        assert wait_for(lambda: [m["active_requests"] for m in live.models()] == [1], timeout=60, interval=0.1), (
             "the generation did not start on the server"
         )
         started = time.monotonic()
-        server.client.post(f"api/kernels/{kernel_id}/interrupt")  # what the stop button sends
-        assert wait_for(lambda: idle(server), timeout=60, interval=0.05), "the server is still generating"
+        live.client.post(f"api/kernels/{kernel_id}/interrupt")  # what the stop button sends
+        assert wait_for(lambda: idle(live), timeout=60, interval=0.05), "the server is still generating"
         cancelled_after = time.monotonic() - started
-        assert metric(server, tokens) == tokens_before, "the answer ran to its end: the interrupt did not cancel it"
+        assert metric(live, tokens) == tokens_before, "the answer ran to its end: the interrupt did not cancel it"
         reply = kc.get_shell_msg(timeout=30)
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=30)
@@ -205,7 +194,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
             "assert again.tokens == 3 and _mlx is again", timeout=30, output_hook=lambda msg: None
         )
         assert check["content"]["status"] == "ok", check["content"]
-        assert metric(server, tokens) == tokens_before + 3, "the token counter does not see finished answers"
+        assert metric(live, tokens) == tokens_before + 3, "the token counter does not see finished answers"
         unknown = kc.execute_interactive("%%mlx -m no-such-model\nhi", timeout=30, output_hook=lambda msg: None)
         content = unknown["content"]
         assert content["status"] == "error" and content["ename"] == "UnknownModelError"
@@ -214,7 +203,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(server):
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()
-        server.client.delete(f"api/kernels/{kernel_id}")
+        live.client.delete(f"api/kernels/{kernel_id}")
 
 
 def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
@@ -257,24 +246,24 @@ def one_line(captured) -> str:
 
 
 def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
-    shell, server
+    shell, live
 ):  # shell first: it checks for leftover processes after the server stops
-    use_server(shell, server.url, server.token)
+    use_server(shell, live.url, live.token)
     result, out = run_cell(shell, "%mlx status")
-    assert result.success and f"Jupyter server at {server.url}" in out.stdout
+    assert result.success and f"Jupyter server at {live.url}" in out.stdout
     result, out = run_cell(shell, "%%mlx -m tiny-a --max-tokens 4\nhi")
     assert result.success, result.error_in_exec
-    assert shell.user_ns["_mlx"].model == "tiny-a" and shell.user_ns["_mlx"].tokens == 4
-    assert [m["id"] for m in server.models()] == ["tiny-a"]
+    assert shell.user_ns["_mlx"].model == TINY_A and shell.user_ns["_mlx"].tokens == 4
+    assert [m["id"] for m in live.models()] == [TINY_A]
     result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
     assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in one_line(out)
 
 
 def test_a_refused_token_is_one_line_that_says_what_to_set(
-    shell, server
+    shell, live
 ):  # shell first: it checks for leftover processes after the server stops
-    use_server(shell, server.url, "wrong")
+    use_server(shell, live.url, "wrong")
     result, out = run_cell(shell, "%%mlx --max-tokens 4\nhi")
     assert isinstance(result.error_in_exec, AuthError)
     assert "refused this kernel's credential (401" in one_line(out) and "MLX_JUPYTER_TOKEN" in one_line(out)
@@ -290,20 +279,20 @@ def test_an_unreachable_server_is_one_line(shell, refusing_url):
 
 
 def test_a_worker_killed_mid_answer_on_the_server_is_one_line(
-    shell, server
+    shell, live
 ):  # shell first: it checks for leftover processes after the server stops
-    use_server(shell, server.url, server.token)
+    use_server(shell, live.url, live.token)
     # The keep-alive outlasts the server's 1 s idle timeout, so this pid is still the worker
     # that serves the answer below, however slow the machine.
     assert run_cell(shell, "%mlx load --keep-alive 10m")[0].success
-    pid = server.models()[0]["pid"]
+    pid = live.models()[0]["pid"]
 
     def kill_once_streaming():
-        if wait_for(lambda: [m["active_requests"] for m in server.models()] == [1], timeout=30, interval=0.05):
+        if wait_for(lambda: [m["active_requests"] for m in live.models()] == [1], timeout=30, interval=0.05):
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
-    result, out = run_cell(shell, "%%mlx --raw --max-tokens 8000\nHello")
+    result, out = run_cell(shell, f"%%mlx --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, ClientError) and result.error_in_exec.code == "worker_crashed"
     assert "SIGKILL" in one_line(out)
     result, _ = run_cell(shell, "%%mlx --max-tokens 3\nagain")
@@ -419,11 +408,12 @@ def test_interrupting_a_kernel_that_hosts_its_engine_cancels_the_generation_and_
         quiet = {"timeout": 60, "output_hook": lambda msg: None}
         setup = (
             "%load_ext mlx_jupyter\n"
+            f"%config MLXMagics.max_tokens_limit = {LONG}\n"
             "from mlx_jupyter.kernel.client import get_client\n"
             "pid = get_client().load('builtin:tiny')['pid']"
         )
         assert kc.execute_interactive(setup, **quiet)["content"]["status"] == "ok"
-        msg_id = kc.execute("%%mlx -m builtin:tiny --raw --max-tokens 8000\nHello", stop_on_error=False)
+        msg_id = kc.execute(f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello", stop_on_error=False)
         while True:  # the first streamed display proves the generation is running
             msg = kc.get_iopub_msg(timeout=60)
             if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "display_data":

@@ -23,8 +23,7 @@ from mlx_jupyter.kernel.magics import MLXMagics
 from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
-
-TINY = "builtin:tiny"
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def engine() -> LocalClient:
@@ -247,7 +246,7 @@ def test_config_traits_reach_the_running_local_engine(shell):
     shell.run_line_magic("config", "MLXMagics.max_loaded_models = 3")
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-a'")
     manager = engine().manager
-    assert manager.settings.max_loaded_models == 3 and manager.default_model == "tiny-a"
+    assert manager.settings.max_loaded_models == 3 and manager.default_model == TINY_A
     shell.run_line_magic("config", "MLXMagics.default_model = ''")  # back to the engine's own default
     assert manager.default_model == DEFAULT_MODEL
 
@@ -266,7 +265,7 @@ def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):
     shell.run_line_magic("config", "MLXMagics.default_model = 'tiny-b'")
     result, _ = run(shell, "%%mlx --max-tokens 3\nhi")
     assert result.success, result.error_in_exec
-    assert shell.user_ns["_mlx"].model == "tiny-b"
+    assert shell.user_ns["_mlx"].model == TINY_B
 
 
 def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell):
@@ -279,7 +278,7 @@ def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell)
             _thread.interrupt_main()
 
     threading.Thread(target=interrupt_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
     partial = shell.user_ns["_mlx"]
@@ -299,7 +298,7 @@ def test_a_worker_crash_mid_answer_is_one_line_and_the_next_cell_works(shell):
             os.kill(pid, signal.SIGKILL)
 
     threading.Thread(target=kill_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8000\nHello")
+    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, ClientError), result.error_in_exec
     assert "SIGKILL" in str(result.error_in_exec) and "fresh worker" in str(result.error_in_exec)
     assert "Traceback" not in out.stdout and len(out.stdout.strip().splitlines()) == 1

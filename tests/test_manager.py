@@ -9,8 +9,7 @@ import pytest
 
 from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
 from tests.helpers import Latch, SpawnSpy, pid_alive, wait_for
-
-TINY = "builtin:tiny"
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def test_generate_streams_text_then_a_final_chunk_with_usage_and_timings(make_manager):
@@ -124,33 +123,33 @@ def test_idle_timeout_zero_keeps_models_forever(make_manager):
 
 def test_lru_idle_model_is_evicted_to_make_room(make_manager, model_dir):
     manager = make_manager(max_loaded_models=2, model_dirs=[str(model_dir)])
-    manager.load("tiny-a")
-    manager.load("tiny-b")
-    manager.generate("x", model="tiny-a", max_tokens=1)  # tiny-b is now least recently used
+    manager.load(TINY_A)
+    manager.load(TINY_B)
+    manager.generate("x", model=TINY_A, max_tokens=1)  # tiny-b is now least recently used
     manager.load(TINY)
-    assert sorted(s.id for s in manager.status()) == [TINY, "tiny-a"]
+    assert sorted(s.id for s in manager.status()) == [TINY, TINY_A]
 
 
 def test_a_busy_model_is_never_evicted_and_the_waiter_gets_all_models_busy(make_manager, model_dir):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=1.5)
-    stream = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
+    stream = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(stream)
     pid = manager.status()[0].pid
     with pytest.raises(AllModelsBusyError, match="slots stayed busy"):
-        manager.load("tiny-b")
+        manager.load(TINY_B)
     (status,) = manager.status()
-    assert status.id == "tiny-a" and status.pid == pid and status.state == "ready"
+    assert status.id == TINY_A and status.pid == pid and status.state == "ready"
     assert next(stream).finish_reason is None, "the busy model kept streaming"
     stream.close()
-    manager.load("tiny-b")
-    assert [s.id for s in manager.status()] == ["tiny-b"]
+    manager.load(TINY_B)
+    assert [s.id for s in manager.status()] == [TINY_B]
 
 
 def test_a_waiting_request_for_another_model_is_served_before_later_requests_for_the_resident_one(
     make_manager, model_dir
 ):
     manager = make_manager(max_loaded_models=1, model_dirs=[str(model_dir)], queue_timeout=60)
-    busy = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
+    busy = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(busy)  # tiny-a is busy and holds the only slot
     order = []
 
@@ -158,10 +157,10 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
         manager.generate("x", model=model, max_tokens=2)
         order.append(model)
 
-    b = threading.Thread(target=ask, args=("tiny-b",))
+    b = threading.Thread(target=ask, args=(TINY_B,))
     b.start()
     assert wait_for(lambda: len(manager._registry.waiters) == 1, timeout=10)
-    late_a = threading.Thread(target=ask, args=("tiny-a",))
+    late_a = threading.Thread(target=ask, args=(TINY_A,))
     late_a.start()
     # Without arrival order, this later request would take a lease on the resident
     # tiny-a at once and keep it busy: a steady stream of them starves tiny-b.
@@ -170,19 +169,19 @@ def test_a_waiting_request_for_another_model_is_served_before_later_requests_for
     busy.close()
     b.join(30)
     late_a.join(30)
-    assert order == ["tiny-b", "tiny-a"]
+    assert order == [TINY_B, TINY_A]
 
 
 def test_memory_limit_counts_loads_before_they_start(make_manager, model_dir):
     manager = make_manager(max_loaded_models=5, model_dirs=[str(model_dir)])
-    size = manager.resolver.resolve("tiny-a").size_bytes
+    size = manager.resolver.resolve(TINY_A).size_bytes
     manager.settings.memory_limit = int(size * 1.5)  # room for one tiny model, not two
-    manager.load("tiny-a")
-    manager.load("tiny-b")
-    assert [s.id for s in manager.status()] == ["tiny-b"]
+    manager.load(TINY_A)
+    manager.load(TINY_B)
+    assert [s.id for s in manager.status()] == [TINY_B]
     manager.settings.memory_limit = size // 2
     with pytest.raises(MemoryLimitError, match="memory_limit"):
-        manager.load("tiny-a")
+        manager.load(TINY_A)
 
 
 def test_unload_stops_the_worker_and_unknown_unload_is_a_clear_error(make_manager):
@@ -263,11 +262,11 @@ def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager
     manager = make_manager(
         max_loaded_models=2, model_dirs=[str(model_dir)], queue_timeout=5, warm_spare=False, spawn=spawn
     )
-    manager.load("tiny-a")
-    manager.load("tiny-b")
-    busy_a = manager.stream_generate("x", model="tiny-a", max_tokens=30_000)
+    manager.load(TINY_A)
+    manager.load(TINY_B)
+    busy_a = manager.stream_generate("x", model=TINY_A, max_tokens=LONG)
     next(busy_a)  # tiny-a is the least recently used busy model: the one a waiter claims
-    busy_b = manager.stream_generate("x", model="tiny-b", max_tokens=30_000)
+    busy_b = manager.stream_generate("x", model=TINY_B, max_tokens=LONG)
     next(busy_b)
     third = threading.Thread(target=manager.load, args=(TINY,))
     third.start()
@@ -276,7 +275,7 @@ def test_a_claim_ends_when_its_request_evicts_another_model_instead(make_manager
     assert loading.wait(10)
     busy_a.close()
     try:
-        assert manager.generate("x", model="tiny-a", max_tokens=2).finish_reason == "length"
+        assert manager.generate("x", model=TINY_A, max_tokens=2).finish_reason == "length"
     finally:
         gate.set()
         third.join(30)

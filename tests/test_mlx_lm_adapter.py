@@ -14,6 +14,7 @@ import pytest
 from mlx_jupyter.engine import mlx_lm_adapter as lm
 from mlx_jupyter.engine.errors import ModelLoadError
 from mlx_jupyter.engine.worker import WorkerProcess
+from tests.models import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "mlx_jupyter"
@@ -72,7 +73,7 @@ def test_a_worker_whose_mlx_lm_lacks_a_name_fails_to_start_with_a_load_error_nam
     monkeypatch.setattr(WorkerProcess, "module", "tests.worker_without")
     monkeypatch.setenv("MLX_TEST_WITHOUT", "mlx_lm.generate.BatchGenerator")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
-    process = WorkerProcess("builtin:tiny")
+    process = WorkerProcess(TINY)
     try:
         with pytest.raises(ModelLoadError, match=r"mlx_lm\.generate\.BatchGenerator is missing.*mlx-lm>="):
             process.spawn(60)

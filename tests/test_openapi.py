@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from typing import Any
 
 import pytest
-from jupyter_server.serverapp import ServerApp
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate as validate_spec
 
@@ -18,9 +15,9 @@ from mlx_jupyter.engine.request import field_default, field_specs
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.base import MLXHandler
 from mlx_jupyter.server.openapi import openapi_document
-from tests.helpers import child_pids, wait_for
+from tests.helpers import eventually
+from tests.models import TINY
 
-TINY = "builtin:tiny"
 SPEC: dict[str, Any] = json.loads(openapi_document())
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 ROUTES = handlers.routes() + openai.routes()
@@ -91,15 +88,6 @@ async def request(jp_fetch, method: str, path: str, body: Any = None, **kwargs: 
         parsed = json.loads(response.body)
         validate(schema, parsed)
     return response, parsed
-
-
-@pytest.fixture
-def jp_asyncio_loop(jp_asyncio_loop):
-    """pytest-jupyter's loop, which is torn down after the server's own teardown (the
-    server's cleanup fixture depends on it): by then no worker process may remain."""
-    yield jp_asyncio_loop
-    assert not ServerApp.initialized(), "this check must run after the Jupyter server's teardown"
-    assert wait_for(lambda: not child_pids(), timeout=10), f"worker processes left behind: {child_pids()}"
 
 
 # -- the document itself -------------------------------------------------------------------
@@ -280,16 +268,13 @@ async def test_openai_completion_whole_and_streamed(jp_fetch):
 async def test_model_events_stream(jp_fetch, jp_serverapp):
     received: list[bytes] = []
 
-    async def until(marker: bytes) -> None:
-        deadline = time.monotonic() + 10
-        while marker not in b"".join(received):
-            assert time.monotonic() < deadline, f"no {marker!r} in {b''.join(received)!r}"
-            await asyncio.sleep(0.02)
+    def sent(name: str) -> bool:
+        return name in [e.event for e in sse.parse(b"".join(received))]
 
     stream = jp_fetch("mlx", "api", "events", streaming_callback=received.append)
-    await until(b"event: snapshot")
+    assert await eventually(lambda: sent("snapshot"), timeout=10), b"".join(received)
     await request(jp_fetch, "post", "/mlx/api/models/load", {"model": TINY})
-    await until(b"event: ready")
+    assert await eventually(lambda: sent("ready"), timeout=10), b"".join(received)
     jp_serverapp.web_app.settings["mlx_events"].close()  # ends every event stream
     response = await stream
     assert response.headers["Content-Type"] == "text/event-stream"

@@ -17,6 +17,7 @@ from mlx_jupyter.engine.errors import InvalidRequestError
 from mlx_jupyter.engine.keep_alive import parse_keep_alive
 from mlx_jupyter.engine.protocol import ChannelClosed, encode, read_frame, write_frame
 from mlx_jupyter.engine.request import ROLES, GenerationRequest, Limits
+from tests.models import TINY, TINY_A
 
 # Modest example counts keep the module fast; no per-example deadline, since the machine is shared.
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,7 +138,7 @@ messages = st.lists(
 request_fields = st.fixed_dictionaries(
     {},
     optional={
-        "model": st.sampled_from(["builtin:tiny", "tiny-a"]) | json_values,
+        "model": st.sampled_from([TINY, TINY_A]) | json_values,
         "prompt": st.text(max_size=20) | json_values,
         "messages": messages | json_values,
         "max_tokens": st.integers(-5, 2000) | json_values,

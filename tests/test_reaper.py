@@ -6,8 +6,7 @@ import logging
 import time
 
 from tests.helpers import commit_seam, wait_for
-
-TINY = "builtin:tiny"
+from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
 def test_reaper_unloads_at_the_deadline_and_not_before(make_manager):
@@ -32,7 +31,7 @@ def test_reaper_never_unloads_a_worker_leased_at_the_moment_of_commit(make_manag
 
     def lease_just_before_commit(model):
         if not streams:
-            stream = manager.stream_generate("x", model=model, max_tokens=30_000, keep_alive=-1)
+            stream = manager.stream_generate("x", model=model, max_tokens=LONG, keep_alive=-1)
             next(stream)
             streams.append(stream)
 
@@ -52,17 +51,17 @@ def test_a_failing_unload_is_logged_and_the_others_are_still_reaped(make_manager
     failures = []
 
     def fail_for_a(model):
-        if model == "tiny-a":
+        if model == TINY_A:
             failures.append(model)
             raise RuntimeError("injected")
 
-    manager.load("tiny-a", keep_alive=-1)
-    manager.load("tiny-b", keep_alive=-1)
+    manager.load(TINY_A, keep_alive=-1)
+    manager.load(TINY_B, keep_alive=-1)
     manager.before_commit = fail_for_a
     with caplog.at_level(logging.ERROR, logger="mlx_jupyter.engine.manager"):
-        manager.load("tiny-a", keep_alive=0)
-        manager.load("tiny-b", keep_alive=0)
-        assert wait_for(lambda: [s.id for s in manager.status()] == ["tiny-a"], timeout=5)
+        manager.load(TINY_A, keep_alive=0)
+        manager.load(TINY_B, keep_alive=0)
+        assert wait_for(lambda: [s.id for s in manager.status()] == [TINY_A], timeout=5)
         time.sleep(1.5)  # lets a hot retry loop show itself
     assert "idle unload of tiny-a failed" in caplog.text
     assert 1 <= len(failures) <= 3, f"{len(failures)} retries in 1.5s: the reaper spins on a failing unload"

@@ -1,4 +1,4 @@
-"""The Jupyter server extension over HTTP: auth, shapes, errors, busy, activity, metrics, events."""
+"""The Jupyter server extension over HTTP: auth, shapes, errors, busy, activity, metrics."""
 
 from __future__ import annotations
 
@@ -6,72 +6,28 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from jupyter_server.utils import url_path_join
-from prometheus_client.parser import text_string_to_metric_families
 from tornado import web
 
 from mlx_jupyter import __version__, sse
-from mlx_jupyter.engine.errors import DETAILS
 from mlx_jupyter.engine.manager import WorkerManager
-from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.types import ModelStatus
-from mlx_jupyter.server import events, handlers, openai
+from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.app import MLXExtension
-from tests.helpers import child_pids, pid_alive, wait_for
+from tests.helpers import eventually, pid_alive, wait_for, worker_pids
+from tests.models import BROKEN, LONG, TINY, TINY_A, TINY_B
+from tests.server_calls import VALID, assert_error, assert_still_serves, check_bad_requests, get, ok_json, post, scrape
 
-TINY = "builtin:tiny"
-BROKEN = "tiny-broken"
-VALID = {"prompt": "Beautiful is", "max_tokens": 4}
 METHODS = ("get", "post", "put", "patch", "delete")
 ONE_SLOT = {"max_loaded_models": 1, "queue_timeout": 1}
-# An error body: message, type and code, then a hint and the error's data where they apply.
-ERROR_FIELDS = {"message", "type", "code", "hint", *DETAILS}
 
 
-# -- fixtures ------------------------------------------------------------------
-
-
-def worker_pids() -> list[int]:
-    """This process's live children that run a model worker."""
-    found = []
-    for pid in child_pids():
-        with contextlib.suppress(OSError):
-            if b"worker_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-    return found
-
-
-@pytest.fixture(autouse=True)
-def jp_asyncio_loop(jp_asyncio_loop):
-    """pytest-jupyter's loop, wrapped: ``jp_server_cleanup`` (which stops the server and
-    our extension) requests the loop, so this teardown runs after the server is gone."""
-    yield jp_asyncio_loop
-    assert wait_for(lambda: not worker_pids(), timeout=10), f"model workers outlived the server: {worker_pids()}"
-
-
-@pytest.fixture(scope="session")
-def broken_model_dir(tmp_path_factory) -> Path:
-    """A model_dirs folder holding ``tiny-broken``: the built-in model with garbage weights."""
-    root = tmp_path_factory.mktemp("broken-models")
-    shutil.copytree(builtin_model_path(), root / BROKEN)
-    (root / BROKEN / "model.safetensors").write_bytes(b"\x07garbage, not a safetensors header" * 8)
-    return root
-
-
-@pytest.fixture
-def mlx_config(mlx_config, model_dir, broken_model_dir, request) -> dict:
-    """conftest's settings plus both model folders; a test changes more by indirect parametrize."""
-    config = mlx_config | {"model_dirs": [str(model_dir), str(broken_model_dir)]}
-    return config | getattr(request, "param", {})
+# -- fixtures and helpers ---------------------------------------------------
 
 
 @pytest.fixture
@@ -80,65 +36,6 @@ def jp_server_config(jp_server_config, request):
     if hasattr(request, "param"):
         jp_server_config.ServerApp.allow_unauthenticated_access = request.param
     return jp_server_config
-
-
-@pytest.fixture
-def manager(jp_serverapp) -> WorkerManager:
-    return jp_serverapp.web_app.settings["mlx_manager"]
-
-
-@pytest.fixture
-def extension(jp_serverapp) -> MLXExtension:
-    (app,) = jp_serverapp.extension_manager.extension_apps["mlx_jupyter"]
-    return app
-
-
-# -- helpers -------------------------------------------------------------------
-
-
-async def post(jp_fetch, path: str, body: Any, **kwargs: Any):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return await jp_fetch(path, method="POST", body=data, raise_error=False, **kwargs)
-
-
-async def get(jp_fetch, path: str):
-    return await jp_fetch(path, method="GET", raise_error=False)
-
-
-def ok_json(response) -> Any:
-    got = response.code
-    assert got == 200, f"HTTP {got}: {response.body[:300]!r}"
-    return json.loads(response.body)
-
-
-def assert_error(response, status: int, code: str, *words: str) -> dict:
-    """An error response: this status, the ``{"error": {message, type, code}}`` body, these words."""
-    got = response.code
-    assert got == status, f"HTTP {got}, expected {status}: {response.body[:300]!r}"
-    assert response.headers["Content-Type"].startswith("application/json")
-    error = json.loads(response.body)["error"]
-    assert {"message", "type", "code"} <= set(error) <= ERROR_FIELDS, error
-    assert error["code"] == code, error
-    for word in words:
-        assert word in error["message"], (word, error)
-    return error
-
-
-async def assert_still_serves(jp_fetch, manager: WorkerManager) -> None:
-    """A valid generate answers, and no request is left holding a lease."""
-    answer = ok_json(await post(jp_fetch, "mlx/api/generate", VALID))
-    assert answer["text"] and answer["finish_reason"] in ("length", "stop")
-    assert wait_for(lambda: manager.health()["active_requests"] == 0, timeout=5), manager.health()
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``predicate`` while letting the event loop run, until true or ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 def sse_events(body: bytes) -> list[dict]:
@@ -179,16 +76,6 @@ async def busy(manager: WorkerManager, model: str) -> AsyncIterator[None]:
     finally:
         release.set()
         await loop.run_in_executor(None, thread.join, 30)
-
-
-async def scrape(jp_fetch) -> dict[tuple[str, tuple], float]:
-    """Jupyter's /metrics as {(sample name, sorted labels): value}."""
-    text = (await jp_fetch("metrics", method="GET")).body.decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
 
 
 # -- security ------------------------------------------------------------------
@@ -261,9 +148,9 @@ async def test_health_models_and_available_have_their_documented_shapes(jp_fetch
     assert all(set(m) == {"id", "source", "path", "size_bytes"} for m in available), available
     by_id = {m["id"]: m for m in available}
     assert by_id[TINY]["source"] == "builtin"
-    assert by_id["tiny-a"]["source"] == by_id["tiny-b"]["source"] == "dir"
-    assert by_id["tiny-a"]["size_bytes"] > 0
-    assert Path(by_id["tiny-a"]["path"], "config.json").is_file()
+    assert by_id[TINY_A]["source"] == by_id[TINY_B]["source"] == "dir"
+    assert by_id[TINY_A]["size_bytes"] > 0
+    assert Path(by_id[TINY_A]["path"], "config.json").is_file()
     assert {m["source"] for m in available} <= {"builtin", "dir", "hf-cache"}
 
     openai_models = ok_json(await get(jp_fetch, "mlx/v1/models"))
@@ -272,8 +159,8 @@ async def test_health_models_and_available_have_their_documented_shapes(jp_fetch
 
 
 async def test_load_answers_ready_with_a_pid_and_unload_ends_the_worker_process(jp_fetch):
-    loaded = ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": "tiny-a", "keep_alive": "10m"}))
-    assert loaded["id"] == "tiny-a"
+    loaded = ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": TINY_A, "keep_alive": "10m"}))
+    assert loaded["id"] == TINY_A
     assert loaded["state"] == "ready"
     assert loaded["active_requests"] == 0
     assert loaded["keep_alive_s"] == 600
@@ -283,20 +170,20 @@ async def test_load_answers_ready_with_a_pid_and_unload_ends_the_worker_process(
 
     listed = ok_json(await get(jp_fetch, "mlx/api/models"))
     (model,) = listed["models"]
-    assert model["id"] == "tiny-a" and model["pid"] == pid and model["state"] == "ready"
+    assert model["id"] == TINY_A and model["pid"] == pid and model["state"] == "ready"
     assert model["loaded_at"] <= listed["server_time"]
     assert model["expires_at"] == pytest.approx(model["last_used_at"] + 600)
     assert ok_json(await get(jp_fetch, "mlx/api/health"))["models_loaded"] == 1
 
-    unloaded = ok_json(await post(jp_fetch, "mlx/api/models/unload", {"model": "tiny-a"}))
-    assert unloaded["id"] == "tiny-a"
+    unloaded = ok_json(await post(jp_fetch, "mlx/api/models/unload", {"model": TINY_A}))
+    assert unloaded["id"] == TINY_A
     assert wait_for(lambda: not pid_alive(pid), timeout=5), f"worker {pid} still runs after unload"
     assert ok_json(await get(jp_fetch, "mlx/api/models"))["models"] == []
 
-    again = await post(jp_fetch, "mlx/api/models/unload", {"model": "tiny-a"})
+    again = await post(jp_fetch, "mlx/api/models/unload", {"model": TINY_A})
     error = assert_error(again, 404, "model_not_found", "'tiny-a'", "not loaded; see GET mlx/api/models")
     # The data behind the message, for clients that say it their own way (the magics list the ids).
-    assert (error["model"], error["loaded"], error["hint"]) == ("tiny-a", [], "see GET mlx/api/models")
+    assert (error["model"], error["loaded"], error["hint"]) == (TINY_A, [], "see GET mlx/api/models")
 
 
 # -- generate ------------------------------------------------------------------
@@ -380,7 +267,7 @@ BAD_REQUESTS = [
      ["max_length"]),
     ("load_without_model", "mlx/api/models/load", {}, 400, "invalid_request", ["'model'", "models/available"]),
     ("load_path_model_id", "mlx/api/models/load", {"model": "../etc"}, 400, "invalid_model", ["'../etc'"]),
-    ("load_bad_keep_alive", "mlx/api/models/load", {"model": "tiny-a", "keep_alive": "soon"}, 400,
+    ("load_bad_keep_alive", "mlx/api/models/load", {"model": TINY_A, "keep_alive": "soon"}, 400,
      "invalid_request", ["keep_alive", "'soon'"]),
     ("unload_without_model", "mlx/api/models/unload", {"model": 5}, 400, "invalid_request", ["'model'"]),
     ("chat_n_2", "mlx/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400,
@@ -425,22 +312,6 @@ OPENAI_ZERO_MAX_TOKENS = [
 ]  # fmt: skip
 
 
-async def check_bad_requests(jp_fetch, manager: WorkerManager, cases: list[tuple]) -> None:
-    """Each case gets its error, and after each a valid generate is still answered.
-
-    One server for all cases (a model load costs seconds); every case runs even when an
-    earlier one fails, and the failure lists each failing case by name.
-    """
-    failures = []
-    for case, path, body, status, code, words in cases:
-        try:
-            assert_error(await post(jp_fetch, path, body), status, code, *words)
-            await assert_still_serves(jp_fetch, manager)
-        except AssertionError as exc:
-            failures.append(f"[{case}] POST {path}: {exc}")
-    assert not failures, f"{len(failures)} of {len(cases)} bad requests:\n" + "\n".join(failures)
-
-
 async def test_bad_requests_get_a_precise_error_and_the_server_keeps_serving(jp_fetch, manager):
     await check_bad_requests(jp_fetch, manager, BAD_REQUESTS)
 
@@ -473,16 +344,16 @@ async def test_a_model_that_fails_to_load_is_a_500_with_the_loaders_reason(jp_fe
 
 @pytest.mark.parametrize("mlx_config", [ONE_SLOT], indirect=True, ids=["one_slot"])
 async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot_is_busy(jp_fetch, manager):
-    async with busy(manager, "tiny-a"):
-        response = await post(jp_fetch, "mlx/api/generate", {"model": "tiny-b", "prompt": "hi", "max_tokens": 2})
+    async with busy(manager, TINY_A):
+        response = await post(jp_fetch, "mlx/api/generate", {"model": TINY_B, "prompt": "hi", "max_tokens": 2})
         error = assert_error(response, 503, "all_models_busy", "'tiny-b'")
         assert error["type"] == "overloaded_error"
         assert int(response.headers["Retry-After"]) > 0
-        assert [s.id for s in manager.status()] == ["tiny-a"], "the busy model must not be evicted"
+        assert [s.id for s in manager.status()] == [TINY_A], "the busy model must not be evicted"
     # Once the slot frees up, the same request succeeds by evicting the idle model.
-    answer = ok_json(await post(jp_fetch, "mlx/api/generate", {"model": "tiny-b", "prompt": "hi", "max_tokens": 2}))
-    assert answer["model"] == "tiny-b"
-    assert [s.id for s in manager.status()] == ["tiny-b"]
+    answer = ok_json(await post(jp_fetch, "mlx/api/generate", {"model": TINY_B, "prompt": "hi", "max_tokens": 2}))
+    assert answer["model"] == TINY_B
+    assert [s.id for s in manager.status()] == [TINY_B]
 
 
 @pytest.mark.parametrize(
@@ -493,9 +364,9 @@ async def test_generate_is_503_all_models_busy_with_retry_after_while_every_slot
 )
 @pytest.mark.parametrize("path", ["mlx/api/generate", "mlx/v1/completions"])
 async def test_a_worker_that_hangs_mid_answer_is_a_504_even_without_streaming(jp_fetch, manager, path):
-    manager.load("builtin:tiny")
+    manager.load(TINY)
     # Greedy on "x" never meets the end token: the answer cannot finish before the hang.
-    body = {"prompt": "x", "max_tokens": 30_000, "temperature": 0}
+    body = {"prompt": "x", "max_tokens": LONG, "temperature": 0}
     answer = asyncio.ensure_future(post(jp_fetch, path, body))
     for _ in range(500):  # until the request holds the worker
         if manager.status()[0].active_requests:
@@ -562,67 +433,3 @@ async def test_metrics_count_requests_tokens_loads_and_loaded_models(jp_fetch):
     assert after[tokens] == before.get(tokens, 0) + answer["usage"]["completion_tokens"]
     assert after[("mlx_model_loads_total", ())] == 1
     assert ("mlx_time_to_first_token_seconds_count", (("model", TINY),)) in after
-
-
-# -- events (pure) -------------------------------------------------------------
-
-
-def status(state: str = "ready", active: int = 0, expires: float | None = None, model: str = "m") -> ModelStatus:
-    return ModelStatus(
-        id=model,
-        state=state,
-        pid=123,
-        active_requests=active,
-        memory_bytes=1000,
-        loaded_at=1.0,
-        last_used_at=2.0,
-        keep_alive_s=300.0,
-        expires_at=expires,
-    )
-
-
-def kinds(before: dict[str, ModelStatus], after: dict[str, ModelStatus]) -> list[tuple[str, str]]:
-    return [(e["type"], e["model"]["id"]) for e in events.diff(before, after)]
-
-
-def test_events_diff_a_new_starting_model_is_load():
-    new = status("starting")
-    assert events.diff({}, {"m": new}) == [{"type": "load", "model": new.to_dict()}]
-
-
-def test_events_diff_starting_to_ready_is_ready():
-    assert kinds({"m": status("starting")}, {"m": status("ready")}) == [("ready", "m")]
-
-
-def test_events_diff_a_lease_taken_is_busy_and_released_is_idle_with_the_new_expiry():
-    idle, leased = status(expires=100.0), status(active=1)
-    assert kinds({"m": idle}, {"m": leased}) == [("busy", "m")]
-    released = status(expires=400.0)
-    (event,) = events.diff({"m": leased}, {"m": released})
-    assert event["type"] == "idle"
-    assert event["model"]["expires_at"] == 400.0
-
-
-def test_events_diff_a_new_expiry_on_an_idle_model_is_idle_and_no_change_is_nothing():
-    assert kinds({"m": status(expires=100.0)}, {"m": status(expires=700.0)}) == [("idle", "m")]
-    assert events.diff({"m": status(expires=100.0)}, {"m": status(expires=100.0)}) == []
-    assert events.diff({"m": status(active=2)}, {"m": status(active=3)}) == [], "still busy: nothing new"
-
-
-def test_events_diff_a_busy_model_draining_is_unloading_and_a_vanished_model_is_unload():
-    assert kinds({"m": status(active=1)}, {"m": status("draining", active=1)}) == [("unloading", "m")]
-    old = status("stopping")
-    assert events.diff({"m": old}, {}) == [{"type": "unload", "model": old.to_dict()}]
-
-
-def test_events_diff_an_idle_model_stopping_is_only_unloading():
-    # Unload, idle reap and eviction all take an idle model (expires_at set) to stopping
-    # and clear expires_at in one step: that is one "unloading", not also an "idle".
-    before, after = status(expires=100.0), status("stopping")
-    assert kinds({"m": before}, {"m": after}) == [("unloading", "m")]
-
-
-def test_events_diff_reports_each_model_on_its_own():
-    before = {"a": status(model="a", expires=1.0), "b": status("starting", model="b")}
-    after = {"b": status(model="b"), "c": status("starting", model="c")}
-    assert sorted(kinds(before, after)) == [("load", "c"), ("ready", "b"), ("unload", "a")]

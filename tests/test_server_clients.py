@@ -13,16 +13,13 @@ import pytest
 from jupyter_server.utils import url_path_join
 
 from mlx_jupyter.server.app import MLXExtension
-from tests import test_server_api as api
-from tests.test_server_api import TINY, VALID, assert_error, assert_still_serves, eventually, get, ok_json, post, scrape
-
-# test_server_api's server fixtures: our extension with its model folders, and the check for workers left behind.
-jp_asyncio_loop, mlx_config, broken_model_dir = api.jp_asyncio_loop, api.mlx_config, api.broken_model_dir
-manager, extension = api.manager, api.extension
+from tests.helpers import eventually
+from tests.models import LONG, TINY, TINY_A, TINY_B
+from tests.server_calls import VALID, assert_error, assert_still_serves, get, ok_json, post, scrape
 
 # Greedy on "x" never meets the end token: a stream that lasts as long as a test holds it.
-ENDLESS = {"prompt": "x", "max_tokens": 30_000, "temperature": 0, "stream": True}
-LONG_ANSWERS = {"max_tokens_limit": 30_000}
+ENDLESS = {"prompt": "x", "max_tokens": LONG, "temperature": 0, "stream": True}
+LONG_ANSWERS = {"max_tokens_limit": LONG}
 TWO_THREADS = LONG_ANSWERS | {"request_threads": 2, "queue_timeout": 1}
 
 
@@ -89,7 +86,7 @@ async def test_a_full_request_pool_answers_503_with_retry_after_within_queue_tim
     jp_fetch, raw, manager, extension: MLXExtension
 ):
     requests = [
-        ("mlx/api/models/load", {"model": "tiny-a"}),
+        ("mlx/api/models/load", {"model": TINY_A}),
         ("mlx/api/models/unload", {"model": TINY}),
         ("mlx/api/generate", VALID),
         ("mlx/v1/completions", {"prompt": "hi", "max_tokens": 2}),
@@ -117,7 +114,7 @@ async def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_dropp
 ):
     async with held_streams(raw, 2):
         before = await scrape(jp_fetch)
-        waiting = await raw("mlx/api/models/load", {"model": "tiny-b"})
+        waiting = await raw("mlx/api/models/load", {"model": TINY_B})
         assert await eventually(lambda: extension.pool.waiting == 1, timeout=10), "the load never queued"
         await waiting.leave()
         # Dropped while both threads are still held: it can never run afterwards.
@@ -125,8 +122,8 @@ async def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_dropp
         after = await scrape(jp_fetch)
         assert request_count(after, "api/models/load", "499") == request_count(before, "api/models/load", "499") + 1
     # The threads are free: a later request runs, and the dropped load did not.
-    ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": "tiny-a"}))
-    assert sorted(s.id for s in manager.status()) == [TINY, "tiny-a"]
+    ok_json(await post(jp_fetch, "mlx/api/models/load", {"model": TINY_A}))
+    assert sorted(s.id for s in manager.status()) == [TINY, TINY_A]
     assert manager.counters["loads"] == 2
 
 
@@ -134,8 +131,8 @@ async def test_a_request_whose_client_left_while_it_waited_for_a_thread_is_dropp
 
 LEAVES = {
     # The model still has to load: the client is gone long before the first token.
-    "before_the_first_token": ("mlx/api/generate", ENDLESS | {"model": "tiny-a"}, False),
-    "before_a_whole_answer": ("mlx/api/generate", ENDLESS | {"model": "tiny-a", "stream": False}, False),
+    "before_the_first_token": ("mlx/api/generate", ENDLESS | {"model": TINY_A}, False),
+    "before_a_whole_answer": ("mlx/api/generate", ENDLESS | {"model": TINY_A, "stream": False}, False),
     "mid_stream": ("mlx/api/generate", ENDLESS, True),
     "mid_openai_stream": ("mlx/v1/chat/completions", ENDLESS | {"messages": [{"role": "user", "content": "x"}]}, True),
 }
@@ -186,7 +183,7 @@ async def test_a_client_that_leaves_is_a_499_and_one_info_line_not_a_server_erro
 async def test_a_client_that_leaves_while_its_answer_has_no_text_yet_is_cancelled_at_once(jp_fetch, raw, manager):
     # builtin:tiny answers "é" with byte tokens that never complete a character: 30,000
     # tokens (half a minute here) without one chunk of text until the very end.
-    body = {"prompt": "é", "max_tokens": 30_000, "temperature": 0, "stream": True}
+    body = {"prompt": "é", "max_tokens": LONG, "temperature": 0, "stream": True}
     client = await raw("mlx/api/generate", body)
     assert await eventually(lambda: manager.health()["active_requests"] == 1, timeout=60)
     await client.leave()

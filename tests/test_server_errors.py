@@ -13,16 +13,8 @@ from jupyter_server.utils import url_path_join
 
 from mlx_jupyter.engine.errors import InvalidRequestError, MLXError
 from mlx_jupyter.server.base import APIError, error_body
-from tests import test_server_api as api
-from tests.test_server_api import TINY, VALID, assert_error, assert_still_serves, check_bad_requests, ok_json, post
-
-# test_server_api's server fixtures: our extension with its model folders, and the check for workers left behind.
-jp_asyncio_loop, mlx_config, broken_model_dir, manager = (
-    api.jp_asyncio_loop,
-    api.mlx_config,
-    api.broken_model_dir,
-    api.manager,
-)
+from tests.models import TINY
+from tests.server_calls import VALID, assert_error, assert_still_serves, check_bad_requests, ok_json, post
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 # (method, path, body) across both APIs, reads and writes.

@@ -6,8 +6,7 @@ import os
 import signal
 
 from tests.helpers import child_pids, pid_alive, wait_for
-
-TINY = "builtin:tiny"
+from tests.models import TINY
 
 
 def _spare(manager) -> int:

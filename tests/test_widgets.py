@@ -11,6 +11,7 @@ from jupyter_client.manager import start_new_kernel
 
 from mlx_jupyter.kernel.client import LocalClient
 from mlx_jupyter.kernel.widgets import ModelDashboard
+from tests.models import TINY
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
 
@@ -23,16 +24,16 @@ def local_client() -> Iterator[LocalClient]:
 
 
 def test_snapshot_renders_loaded_models_as_text_and_html(local_client):
-    local_client.load("builtin:tiny")
+    local_client.load(TINY)
     dashboard = ModelDashboard(local_client)
     data, _ = dashboard._repr_mimebundle_()
     assert WIDGET_MIME in data  # the live view where a widget frontend runs
     text = data["text/plain"]
     assert text.startswith("models served by this kernel (local engine)")
-    assert "builtin:tiny" in text and "ready" in text and "unloads in" in text
+    assert TINY in text and "ready" in text and "unloads in" in text
     page = data["text/html"]
     assert "<td>builtin:tiny</td>" in page and "unloads in" in page
-    assert "builtin:tiny" in [m["id"] for m in dashboard.available]
+    assert TINY in [m["id"] for m in dashboard.available]
 
 
 def test_snapshot_of_an_empty_host_says_so(local_client):
@@ -166,12 +167,12 @@ def test_dashboard_loads_and_unloads_through_comm_messages_and_pushes_only_real_
     (shown,) = [o for o in frontend.outputs if WIDGET_MIME in o]
     assert shown[WIDGET_MIME]["model_id"] == frontend.comm_id
     assert shown["text/plain"].endswith("no model loaded") and "<p>no model loaded</p>" in shown["text/html"]
-    assert "builtin:tiny" in [m["id"] for m in frontend.state["available"]]
+    assert TINY in [m["id"] for m in frontend.state["available"]]
 
-    frontend.send({"type": "load", "model": "builtin:tiny"})
-    frontend.ask_until(lambda s: s["pending"] == {"builtin:tiny": "load"} or "builtin:tiny" in models_of(s))
-    frontend.ask_until(lambda s: models_of(s).get("builtin:tiny", {}).get("state") == "ready" and not s["pending"])
-    tiny = models_of(frontend.state)["builtin:tiny"]
+    frontend.send({"type": "load", "model": TINY})
+    frontend.ask_until(lambda s: s["pending"] == {TINY: "load"} or TINY in models_of(s))
+    frontend.ask_until(lambda s: models_of(s).get(TINY, {}).get("state") == "ready" and not s["pending"])
+    tiny = models_of(frontend.state)[TINY]
     assert tiny["expires_at"] > frontend.clocks[-1] + 250  # the browser counts down from here
     assert frontend.state["error"] == ""
 
@@ -186,9 +187,9 @@ def test_dashboard_loads_and_unloads_through_comm_messages_and_pushes_only_real_
 
     frontend.send({"type": "load", "model": "no-such-model"})
     frontend.ask_until(lambda s: not s["pending"] and "no-such-model" in s["error"])
-    assert "builtin:tiny" in models_of(frontend.state), "a failed load leaves the table as it was"
+    assert TINY in models_of(frontend.state), "a failed load leaves the table as it was"
 
-    frontend.send({"type": "unload", "model": "builtin:tiny"})
+    frontend.send({"type": "unload", "model": TINY})
     frontend.ask_until(lambda s: not models_of(s) and not s["pending"])
     assert frontend.state["error"] == "", "a successful action clears the last failure"
     frontend.execute("client.close()")

@@ -22,58 +22,21 @@ from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine import worker as worker_module
 from mlx_jupyter.engine.errors import InvalidRequestError, WorkerCrashedError
 from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.request import GenerationRequest, Limits
 from mlx_jupyter.engine.worker import WorkerProcess
 from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
 from tests.helpers import wait_for
+from tests.models import LONG, PYDOC, TINY
+from tests.worker_frames import drain, submit
 
-TINY = "builtin:tiny"
-PYDOC = "builtin:pydoc"
 REPO = Path(__file__).resolve().parent.parent
 SECRETS = ("MLX_JUPYTER_TOKEN", "JUPYTER_TOKEN", "JPY_API_TOKEN", "JUPYTERHUB_API_TOKEN")
-
-
-@pytest.fixture
-def spawn_worker():
-    """Start real worker processes (``batch_size`` rows, the tiny model); all are stopped after the test."""
-    started: list[WorkerProcess] = []
-
-    def spawn(batch_size: int | None = None) -> WorkerProcess:
-        process = WorkerProcess(TINY)
-        started.append(process)
-        process.spawn(60)
-        frames = process.open("load")
-        load = {"op": p.OP_LOAD, "request_id": "load", "path": str(builtin_model_path("tiny"))}
-        process.send(load if batch_size is None else {**load, "batch_size": batch_size})
-        process.expect(frames, 120, "load")
-        process.close("load")
-        return process
-
-    yield spawn
-    for process in started:
-        process.stop()
-
-
-def _submit(worker: WorkerProcess, rid: str, **kwargs: Any) -> queue.SimpleQueue:
-    frames = worker.open(rid)
-    request = GenerationRequest.parse(kwargs, Limits(max_tokens=32768))
-    worker.send({"op": p.OP_GENERATE, "request_id": rid, **request.worker_message()})
-    return frames
 
 
 def _next(frames: queue.SimpleQueue, kind: str) -> dict[str, Any]:
     frame = frames.get(timeout=30)
     assert frame["type"] == kind, frame
     return frame
-
-
-def _drain(frames: queue.SimpleQueue) -> tuple[str, dict[str, Any]]:
-    """The text and the final frame of one request."""
-    texts = []
-    while (frame := frames.get(timeout=30))["type"] not in (p.T_DONE, p.T_ERROR):
-        texts.append(frame.get("text", ""))
-    return "".join(texts), frame
 
 
 def _settle(worker: WorkerProcess, running: queue.SimpleQueue) -> None:
@@ -101,17 +64,17 @@ def _send_raw(worker: WorkerProcess, data: bytes) -> None:
 
 def test_requests_beyond_the_batch_wait_without_started_and_take_free_rows_in_arrival_order(spawn_worker):
     worker = spawn_worker(batch_size=2)
-    a = _submit(worker, "a", prompt="x", max_tokens=30_000)
-    b = _submit(worker, "b", prompt="y", max_tokens=30_000)
+    a = submit(worker, "a", prompt="x", max_tokens=LONG)
+    b = submit(worker, "b", prompt="y", max_tokens=LONG)
     for frames in (a, b):
         _next(frames, p.T_STARTED)
         _next(frames, p.T_TOKEN)
-    c = _submit(worker, "c", prompt="Hello", max_tokens=30_000)
-    d = _submit(worker, "d", prompt="abc", max_tokens=30_000)
+    c = submit(worker, "c", prompt="Hello", max_tokens=LONG)
+    d = submit(worker, "d", prompt="abc", max_tokens=LONG)
     _settle(worker, a)
     assert c.empty() and d.empty(), "a request was started while both rows were decoding"
     worker.cancel("a")
-    assert _drain(a)[1]["finish_reason"] == "cancelled"
+    assert drain(a)[1]["finish_reason"] == "cancelled"
     _next(c, p.T_STARTED)
     _next(c, p.T_TOKEN)
     _settle(worker, b)
@@ -120,7 +83,7 @@ def test_requests_beyond_the_batch_wait_without_started_and_take_free_rows_in_ar
     assert _next(d, p.T_ERROR)["code"] == "cancelled"
     for rid, frames in (("b", b), ("c", c)):
         worker.cancel(rid)
-        assert _drain(frames)[1]["finish_reason"] == "cancelled"
+        assert drain(frames)[1]["finish_reason"] == "cancelled"
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
@@ -191,7 +154,7 @@ def test_a_message_over_the_frame_limit_is_refused_before_sending_with_the_size_
     size = len(json.dumps(message, separators=(",", ":")))
     with pytest.raises(InvalidRequestError, match=rf"{size} bytes.* over the {p.MAX_FRAME} byte limit"):
         worker.send(message)
-    assert _drain(_submit(worker, "after", prompt="Hello", max_tokens=5))[1]["finish_reason"] == "length"
+    assert drain(submit(worker, "after", prompt="Hello", max_tokens=5))[1]["finish_reason"] == "length"
 
 
 def test_the_engine_refuses_a_prompt_over_the_frame_limit_and_keeps_the_worker(make_manager, monkeypatch):
@@ -228,7 +191,7 @@ BAD_FRAMES = {
 @pytest.mark.parametrize("bad", BAD_FRAMES, ids=list(BAD_FRAMES))
 def test_the_worker_answers_a_bad_frame_for_its_request_id_and_keeps_serving_the_others(spawn_worker, bad):
     worker = spawn_worker()
-    running = _submit(worker, "running", prompt="x", max_tokens=30_000)
+    running = submit(worker, "running", prompt="x", max_tokens=LONG)
     _next(running, p.T_STARTED)
     data, reason = BAD_FRAMES[bad]
     answer = worker.open("bad")
@@ -237,10 +200,10 @@ def test_the_worker_answers_a_bad_frame_for_its_request_id_and_keeps_serving_the
         error = _next(answer, p.T_ERROR)
         assert error["code"] == "invalid_request" and reason in error["message"], error
     _settle(worker, running)
-    text, done = _drain(_submit(worker, "after", prompt="Hello", max_tokens=5))
+    text, done, _ = drain(submit(worker, "after", prompt="Hello", max_tokens=5))
     assert done["finish_reason"] == "length" and text
     worker.cancel("running")
-    assert _drain(running)[1]["finish_reason"] == "cancelled"
+    assert drain(running)[1]["finish_reason"] == "cancelled"
     assert answer.empty()
 
 
@@ -319,7 +282,7 @@ def test_stopping_a_worker_that_never_exits_ends_within_a_bound_and_fails_its_re
 def test_a_worker_that_closes_its_pipe_but_never_exits_is_given_up_within_a_bound(immortal, caplog):
     process, exits = immortal
     with caplog.at_level(logging.WARNING, logger="mlx_jupyter.engine.worker"):
-        frames = _submit(process, "r1", prompt="x", max_tokens=5)
+        frames = submit(process, "r1", prompt="x", max_tokens=5)
         _next(frames, p.T_STARTED)
         assert frames.get(timeout=30)["type"] == p.T_ERROR
         assert wait_for(lambda: exits == [process], timeout=30), "on_exit did not run"
@@ -352,18 +315,18 @@ def test_cancels_for_requests_the_worker_does_not_have_are_not_kept():
 def test_a_cancel_right_behind_its_generate_still_cancels_it(spawn_worker):
     worker = spawn_worker()
     # A seeded sampled request runs alone: the main loop reads no message until it ends.
-    solo = _submit(worker, "solo", prompt="x", max_tokens=30_000, temperature=0.9, seed=1)
+    solo = submit(worker, "solo", prompt="x", max_tokens=LONG, temperature=0.9, seed=1)
     _next(solo, p.T_STARTED)
     _next(solo, p.T_TOKEN)
-    late = _submit(worker, "late", prompt="y", max_tokens=30_000)
+    late = submit(worker, "late", prompt="y", max_tokens=LONG)
     worker.cancel("late")
     for i in range(1000):
         worker.cancel(f"unknown-{i}")
     assert worker.ping(30) is not None  # every cancel is recorded while "late" waits in the inbox
     worker.cancel("solo")
-    assert _drain(solo)[1]["finish_reason"] == "cancelled"
+    assert drain(solo)[1]["finish_reason"] == "cancelled"
     assert _next(late, p.T_ERROR)["code"] == "cancelled"
-    assert _drain(_submit(worker, "after", prompt="Hello", max_tokens=5))[1]["finish_reason"] == "length"
+    assert drain(submit(worker, "after", prompt="Hello", max_tokens=5))[1]["finish_reason"] == "length"
 
 
 # -- the worker's environment and memory ---------------------------------------------
