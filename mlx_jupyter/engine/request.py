@@ -17,12 +17,20 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 
 
+# The largest max_tokens when the host sets no bound of its own: the model's context bounds it.
+MAX_TOKENS_CEILING = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Limits:
-    """The host's bounds on a request. Args: max_tokens, max_prompt_chars."""
+    """The host's bounds on a request. Args: max_tokens (0 = only the model's context), max_prompt_chars."""
 
-    max_tokens: int = 8192
+    max_tokens: int = 0
     max_prompt_chars: int = 1_000_000
+
+    @property
+    def max_tokens_bound(self) -> int:
+        return self.max_tokens or MAX_TOKENS_CEILING
 
 
 Check = Callable[[str, Any, Limits], Any]
@@ -64,7 +72,7 @@ def _show(value: Any) -> str:
 
 def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> Check:
     def check(name: str, value: Any, limits: Limits) -> Any:
-        top = limits.max_tokens if hi is None else hi
+        top = limits.max_tokens_bound if hi is None else hi
         kind = int if integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kind):
             raise InvalidRequestError(
@@ -128,6 +136,35 @@ def _stops(name: str, value: Any, limits: Limits) -> list[str]:
             value=longest,
         )
     return list(stops)
+
+
+def _flag(name: str, value: Any, limits: Limits) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequestError(f"{name} must be true or false, not {_show(value)}", param=name)
+    return value
+
+
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+
+
+def _logit_bias(name: str, value: Any, limits: Limits) -> dict[int, float]:
+    """``{token id: bias}``; ids come as JSON object keys (strings) or integers."""
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{name} must be an object of token id -> bias, not {_show(value)}", param=name)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidRequestError(
+            f"{name} has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}",
+            param=name,
+            limit=MAX_LOGIT_BIAS,
+            value=len(value),
+        )
+    bias = _number(-100.0, 100.0)
+    out = {}
+    for token, weight in value.items():
+        if isinstance(token, bool) or not (isinstance(token, int) or (isinstance(token, str) and token.isdigit())):
+            raise InvalidRequestError(f"{name} keys must be token ids (integers), not {_show(token)}", param=name)
+        out[int(token)] = bias(f"{name}[{token}]", weight, limits)
+    return out
 
 
 def _keep_alive(name: str, value: Any, limits: Limits) -> float | None:
@@ -227,6 +264,102 @@ class GenerationRequest:
             metavar="STR",
         ),
     )
+    top_k: int = field(
+        default=0,
+        metadata=_spec(
+            "Sample from the k most likely tokens only; 0 = all.",
+            {"type": "integer", "minimum": 0, "maximum": 1_000_000},
+            _number(0, 1_000_000, integer=True),
+            openai=("top_k",),
+            option=("--top-k",),
+            metavar="K",
+        ),
+    )
+    min_p: float = field(
+        default=0.0,
+        metadata=_spec(
+            "Drop tokens less likely than min_p times the most likely one; 0 = off.",
+            {"type": "number", "minimum": 0, "maximum": 1},
+            _number(0.0, 1.0),
+            openai=("min_p",),
+            option=("--min-p",),
+            metavar="P",
+        ),
+    )
+    repetition_penalty: float = field(
+        default=1.0,
+        metadata=_spec(
+            "Divide the scores of tokens already in the last repetition_context_size tokens by this; 1 = off.",
+            {"type": "number", "minimum": 0.01, "maximum": 10},
+            _number(0.01, 10.0),
+            openai=("repetition_penalty",),
+            option=("--repetition-penalty",),
+            metavar="R",
+        ),
+    )
+    repetition_context_size: int = field(
+        default=20,
+        metadata=_spec(
+            "How many of the last tokens repetition_penalty looks at.",
+            {"type": "integer", "minimum": 1, "maximum": 4096},
+            _number(1, 4096, integer=True),
+            openai=("repetition_context_size",),
+            option=("--repetition-context-size",),
+            metavar="N",
+        ),
+    )
+    presence_penalty: float = field(
+        default=0.0,
+        metadata=_spec(
+            "Subtract this from the score of every token already generated (OpenAI's); 0 = off.",
+            {"type": "number", "minimum": -2, "maximum": 2},
+            _number(-2.0, 2.0),
+            openai=("presence_penalty",),
+            option=("--presence-penalty",),
+            metavar="X",
+        ),
+    )
+    frequency_penalty: float = field(
+        default=0.0,
+        metadata=_spec(
+            "Subtract this times its count from the score of every token already generated (OpenAI's); 0 = off.",
+            {"type": "number", "minimum": -2, "maximum": 2},
+            _number(-2.0, 2.0),
+            openai=("frequency_penalty",),
+            option=("--frequency-penalty",),
+            metavar="X",
+        ),
+    )
+    logit_bias: dict[int, float] | None = field(
+        default=None,
+        metadata=_spec(
+            f"Token id -> a bias from -100 to 100 added to its score (at most {MAX_LOGIT_BIAS} entries).",
+            {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+            _logit_bias,
+            openai=("logit_bias",),
+        ),
+    )
+    logprobs: bool = field(
+        default=False,
+        metadata=_spec(
+            "Return each generated token's log probability.",
+            {"type": "boolean"},
+            _flag,
+            openai=("logprobs",),
+        ),
+    )
+    top_logprobs: int = field(
+        default=0,
+        metadata=_spec(
+            "With each token, its N most likely alternatives and their log probabilities (0-20); "
+            "implies logprobs.",
+            {"type": "integer", "minimum": 0, "maximum": 20},
+            _number(0, 20, integer=True),
+            openai=("top_logprobs",),
+            option=("--logprobs",),
+            metavar="N",
+        ),
+    )
     keep_alive: float | None = field(
         default=None,
         metadata=_spec(
@@ -250,7 +383,9 @@ class GenerationRequest:
         if unknown:
             raise InvalidRequestError(f"unknown fields {unknown}: accepted are {', '.join(specs)}", param=unknown[0])
         given = {name: specs[name].check(name, value, limits) for name, value in values.items() if value is not None}
-        given.setdefault("max_tokens", min(field_default("max_tokens"), limits.max_tokens))  # a default within bounds
+        given.setdefault("max_tokens", min(field_default("max_tokens"), limits.max_tokens_bound))  # within bounds
+        if given.get("top_logprobs"):  # asking for alternatives asks for log probabilities
+            given.setdefault("logprobs", True)
         if ("prompt" in given) == ("messages" in given):
             raise InvalidRequestError("give exactly one of prompt or messages")
         chars = len(given["prompt"]) if "prompt" in given else sum(len(m["content"]) for m in given["messages"])

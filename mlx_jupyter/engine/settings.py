@@ -104,11 +104,11 @@ class EngineSettings(Configurable):
         logged and health turns ``degraded`` (until the stall ends).""",
     )
     max_tokens_limit = Int(
-        8192,
-        min=1,
+        0,
+        min=0,
         config=True,
-        help="""The largest ``max_tokens`` a request may ask for (the model's context bounds it
-        too).""",
+        help="""The largest ``max_tokens`` a request may ask for; 0 = no bound of the host's own
+        (the model's context bounds it, as always).""",
     )
     max_prompt_chars = Int(
         1_000_000,

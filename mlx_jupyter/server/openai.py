@@ -14,7 +14,7 @@ from mlx_jupyter.server.streaming import GenerationHandler
 from mlx_jupyter.server.wire import ChatWire, CompletionWire, OpenAIWire
 
 # OpenAI fields we accept and ignore, because they do not change a local answer.
-IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "frequency_penalty", "presence_penalty"}
+IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls"}
 # Fields of the request itself rather than of the answer's generation.
 OWN_FIELDS = {"stream", "stream_options", "n"}
 
