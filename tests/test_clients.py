@@ -351,7 +351,7 @@ def test_openai_models_retrieve_names_the_model(openai_results, prefix):
     assert model["id"] == MODEL and model["object"] == "model", model
 
 
-@pytest.mark.parametrize("case", ["chat_wrong_key", "completions_wrong_key", "async_chat_wrong_key"])
+@pytest.mark.parametrize("case", [f"{prefix}{call}_wrong_key" for prefix in ("", "async_") for call in CALLS])
 def test_openai_a_wrong_key_raises_authentication_error(openai_results, case):
     got = openai_results[case]
     assert got.get("error") == "AuthenticationError" and got["status"] == 401, got
