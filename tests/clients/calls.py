@@ -34,9 +34,14 @@ def jsonable(value: Any) -> Any:
 
 
 def failure(exc: BaseException) -> dict[str, Any]:
-    """An exception as the test sees it: its class, its HTTP status if any, and where it came from."""
-    status = getattr(exc, "status_code", None)
-    return {"error": type(exc).__name__, "status": status, "message": str(exc), "trace": traceback.format_exc()}
+    """An exception as the test sees it: its class, its HTTP status and error code if any, and where it came from."""
+    return {
+        "error": type(exc).__name__,
+        "status": getattr(exc, "status_code", None),
+        "code": getattr(exc, "code", None),
+        "message": str(exc),
+        "trace": traceback.format_exc(),
+    }
 
 
 def record(calls: dict[str, Call]) -> dict[str, Any]:
