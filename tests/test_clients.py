@@ -83,6 +83,7 @@ def openai_cases() -> dict[str, dict[str, Any]]:
     # Each changes a greedy completion, or must not: logprobs=1 shows the tokens it chose.
     hot = {"temperature": 1.5, "seed": 3}
     effects = {
+        "hot": hot,
         "top_k_1": hot | {"extra_body": {"top_k": 1}},
         "min_p_1": hot | {"extra_body": {"min_p": 1.0}},
         "frequency_penalty": {"frequency_penalty": 2.0},
@@ -335,7 +336,7 @@ def effect(results: dict[str, Any], name: str) -> tuple[str, list[str]]:
 def test_openai_top_k_1_and_min_p_1_leave_only_the_likeliest_token_to_sample(openai_results):
     greedy, _ = effect(openai_results, "no_effect")
     assert greedy == greedy_text(openai_results, "completions")
-    # At temperature 1.5 the seed alone picks other tokens (the every-parameter answer shows sampling varies).
+    assert effect(openai_results, "hot")[0] != greedy, "at temperature 1.5 the seed alone picks other tokens"
     assert effect(openai_results, "top_k_1")[0] == greedy
     assert effect(openai_results, "min_p_1")[0] == greedy
 
