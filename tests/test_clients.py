@@ -174,6 +174,18 @@ def jupyter_ai_results(server, tmp_path_factory) -> dict[str, Any]:
     return run_driver(server, tmp_path_factory.mktemp("jupyter-ai"), "jupyter_ai_calls.py", config)
 
 
+@pytest.fixture(scope="module")
+def greedy_answers(server) -> dict[str, str]:
+    """The greedy answers every client must give, asked over plain HTTP: by endpoint ("chat", "completions")."""
+    texts = {}
+    for call, prompt in (("chat", CHAT), ("completions", COMPLETION)):
+        response = server.client.post(f"mlx/v1/{call.replace('chat', 'chat/completions')}", json=GREEDY | prompt)
+        assert response.status_code == 200, response.text
+        (choice,) = response.json()["choices"]
+        texts[call] = choice["message"]["content"] if call == "chat" else choice["text"]
+    return texts
+
+
 def result(results: dict[str, Any], name: str) -> Any:
     """What call ``name`` returned; a call that raised fails here, with the client's own traceback."""
     got = results[name]
@@ -302,19 +314,15 @@ def variants(call: str, request: str) -> list[str]:
     return [f"{prefix}{call}_{request}{suffix}" for prefix in ("", "async_") for suffix in ("", "_stream")]
 
 
-def greedy_text(results: dict[str, Any], call: str) -> str:
-    return answer(result(results, f"{call}_greedy"), call)["text"]
-
-
 # -- openai ------------------------------------------------------------------------
 
 CALLS = ["chat", "completions"]
 
 
 @pytest.mark.parametrize("call", CALLS)
-def test_openai_sync_and_async_whole_and_streamed_give_the_same_greedy_answer(openai_results, call):
+def test_openai_sync_and_async_whole_and_streamed_give_the_same_greedy_answer(openai_results, greedy_answers, call):
     got = answers(openai_results, call, *variants(call, "greedy"))
-    assert len({g["text"] for g in got.values()}) == 1, got
+    assert {g["text"] for g in got.values()} == {greedy_answers[call]}, got
     assert {g["finish"] for g in got.values()} == {"length"}
     assert all(g["logprobs"] is None for g in got.values()), "log probabilities only when asked for"
 
@@ -331,16 +339,16 @@ def test_openai_every_parameter_is_taken_and_a_seed_gives_one_answer_sync_async_
 
 
 @pytest.mark.parametrize("call", CALLS)
-def test_openai_logprobs_have_openais_shape_whole_and_streamed(openai_results, call):
+def test_openai_logprobs_have_openais_shape_whole_and_streamed(openai_results, greedy_answers, call):
     got = answers(openai_results, call, *variants(call, "logprobs"))
     tokens = [check_logprobs(g, call, TOP, greedy=True) for g in got.values()]
     assert all(t == tokens[0] for t in tokens), tokens
-    assert {g["text"] for g in got.values()} == {greedy_text(openai_results, call)}, "logprobs change no answer"
+    assert {g["text"] for g in got.values()} == {greedy_answers[call]}, "logprobs change no answer"
 
 
 @pytest.mark.parametrize("call", CALLS)
-def test_openai_stop_ends_the_answer_before_the_stop_string(openai_results, call):
-    greedy = greedy_text(openai_results, call)
+def test_openai_stop_ends_the_answer_before_the_stop_string(openai_results, greedy_answers, call):
+    greedy = greedy_answers[call]
     assert STOP in greedy, f"pick a STOP that the greedy answer holds: {greedy!r}"
     (got,) = answers(openai_results, call, f"{call}_stop").values()
     assert got["text"] == greedy[: greedy.index(STOP)] and got["finish"] == "stop", got
@@ -352,9 +360,9 @@ def effect(results: dict[str, Any], name: str) -> tuple[str, list[str]]:
     return got["text"], completion_logprobs(got)["tokens"]
 
 
-def test_openai_top_k_1_and_min_p_1_leave_only_the_likeliest_token_to_sample(openai_results):
+def test_openai_top_k_1_and_min_p_1_leave_only_the_likeliest_token_to_sample(openai_results, greedy_answers):
     greedy, _ = effect(openai_results, "no_effect")
-    assert greedy == greedy_text(openai_results, "completions")
+    assert greedy == greedy_answers["completions"]
     assert effect(openai_results, "hot")[0] != greedy, "at temperature 1.5 the seed alone picks other tokens"
     assert effect(openai_results, "top_k_1")[0] == greedy
     assert effect(openai_results, "min_p_1")[0] == greedy
@@ -399,10 +407,10 @@ def test_openai_a_wrong_key_raises_authentication_error(openai_results, case):
 # -- LangChain -------------------------------------------------------------------
 
 
-def test_langchain_chat_openai_invoke_stream_batch_and_logprobs(langchain_results, openai_results):
-    greedy = greedy_text(openai_results, "chat")
+def test_langchain_chat_openai_invoke_stream_batch_and_logprobs(langchain_results, greedy_answers):
+    greedy = greedy_answers["chat"]
     invoked = result(langchain_results, "chat_invoke")
-    assert invoked["content"] == greedy, "the same greedy request as through the openai SDK"
+    assert invoked["content"] == greedy, "the same greedy request as over plain HTTP"
     usage = invoked["usage_metadata"]
     assert usage["output_tokens"] == MAX_TOKENS and usage["total_tokens"] == usage["input_tokens"] + MAX_TOKENS
     assert invoked["response_metadata"]["finish_reason"] == "length"
@@ -416,8 +424,8 @@ def test_langchain_chat_openai_invoke_stream_batch_and_logprobs(langchain_result
     check_chat_logprobs(got | {"logprobs": with_logprobs["response_metadata"]["logprobs"]}, TOP, greedy=True)
 
 
-def test_langchain_legacy_openai_class_that_sends_null_logprobs(langchain_results, openai_results):
-    greedy = greedy_text(openai_results, "completions")
+def test_langchain_legacy_openai_class_that_sends_null_logprobs(langchain_results, greedy_answers):
+    greedy = greedy_answers["completions"]
     assert result(langchain_results, "legacy_invoke") == greedy
     generated = result(langchain_results, "legacy_generate")
     ((generation,),) = generated["generations"]
@@ -430,8 +438,8 @@ def test_langchain_legacy_openai_class_that_sends_null_logprobs(langchain_result
 # -- litellm -----------------------------------------------------------------------
 
 
-def test_litellm_completion_with_an_openai_model_and_api_base_whole_and_streamed(litellm_results, openai_results):
-    greedy = greedy_text(openai_results, "chat")
+def test_litellm_completion_with_an_openai_model_and_api_base_whole_and_streamed(litellm_results, greedy_answers):
+    greedy = greedy_answers["chat"]
     whole = answer(result(litellm_results, "whole"), "chat")
     streamed = answer(result(litellm_results, "streamed"), "chat")
     for got in (whole, streamed):
@@ -443,9 +451,9 @@ def test_litellm_completion_with_an_openai_model_and_api_base_whole_and_streamed
 
 
 def test_jupyter_ai_magics_ai_cells_with_the_openai_chat_custom_and_openai_providers(
-    jupyter_ai_results, openai_results
+    jupyter_ai_results, greedy_answers
 ):
     for name, provider, call in (("chat", "openai-chat-custom", "chat"), ("completion", "openai", "completions")):
         shown = result(jupyter_ai_results, name)
-        assert shown["data"]["text/plain"] == greedy_text(openai_results, call), shown
+        assert shown["data"]["text/plain"] == greedy_answers[call], shown
         assert shown["metadata"]["jupyter_ai"] == {"provider_id": provider, "model_id": MODEL}
