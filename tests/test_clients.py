@@ -55,6 +55,7 @@ def every_parameter(call: str) -> dict[str, Any]:
         "temperature": 0.8,
         "top_p": 0.95,
         "seed": 1234,
+        "stop": ["\n\n\n"],  # its effect: test_openai_stop_ends_the_answer_before_the_stop_string
         "presence_penalty": 0.5,
         "frequency_penalty": 0.5,
         "logit_bias": {str(bias_token()): 5},
