@@ -13,7 +13,6 @@ import pytest
 
 from mlx_jupyter.engine import mlx_lm_adapter as lm
 from mlx_jupyter.engine.errors import ModelLoadError
-from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.worker import WorkerProcess
 from tests.models import TINY
 
@@ -132,16 +131,3 @@ def test_pyproject_requires_the_releases_the_adapter_is_tested_with():
     assert {name for name, _ in specs} >= {"mlx", "mlx[cpu]", "mlx[cuda13]", "mlx-lm"}, specs
     for name, spec in specs:
         assert spec == (lm.MLX_LM_VERSIONS if name == "mlx-lm" else lm.MLX_VERSIONS), (name, spec)
-
-
-@pytest.mark.parametrize("continuation", [True, False], ids=["continuation", "chat_answer"])
-def test_a_continuation_keeps_its_first_tokens_leading_space_and_a_chat_answer_drops_it(continuation):
-    from mlx_lm.utils import load_tokenizer
-
-    tokenizer = load_tokenizer(builtin_model_path("pydoc"))
-    tokens = tokenizer.encode(" list list", add_special_tokens=False)
-    detokenizer = lm.detokenizer(tokenizer, continuation=continuation)
-    for token in tokens:
-        detokenizer.add_token(token)
-    detokenizer.finalize()
-    assert detokenizer.last_segment == (" list list" if continuation else "list list")

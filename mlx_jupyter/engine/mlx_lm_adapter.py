@@ -66,9 +66,8 @@ USES = (
     ),
     Use("mlx_lm.models.cache", "make_prompt_cache"),
     Use("mlx_lm.tokenizer_utils", "TokenizerWrapper.detokenizer"),
-    # detokenizer(continuation=True) turns off their trimming of the answer's first space.
-    Use("mlx_lm.tokenizer_utils", "BPEStreamingDetokenizer", attributes=("_maybe_trim_space",)),
-    Use("mlx_lm.tokenizer_utils", "SPMStreamingDetokenizer", keywords=("trim_space",)),
+    Use("mlx_lm.tokenizer_utils", "BPEStreamingDetokenizer"),
+    Use("mlx_lm.tokenizer_utils", "SPMStreamingDetokenizer"),
     Use("mlx_lm.tokenizer_utils", "StreamingDetokenizer", attributes=("add_token", "finalize", "last_segment")),
 )
 
@@ -181,20 +180,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
 
 
-def detokenizer(tokenizer: Any, continuation: bool = False) -> Any:
-    """A fresh streaming detokenizer: ``add_token(token)``, ``finalize()``, then read ``last_segment``.
-
-    mlx-lm's detokenizers drop the answer's first leading space, as a chat answer wants; a ``continuation``
-    of a prompt keeps it, so that the prompt and the answer together are what the model wrote.
-    """
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
-
-    made = tokenizer.detokenizer
-    if continuation and isinstance(made, BPEStreamingDetokenizer):
-        made._maybe_trim_space = lambda text: text
-    elif continuation and isinstance(made, SPMStreamingDetokenizer):
-        made.trim_space = False
-    return made
+def detokenizer(tokenizer: Any) -> Any:
+    """A fresh streaming detokenizer: ``add_token(token)``, ``finalize()``, then read ``last_segment``."""
+    return tokenizer.detokenizer
 
 
 def sampler(temperature: float, top_p: float, top_k: int, min_p: float) -> Any:

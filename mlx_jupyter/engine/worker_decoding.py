@@ -176,7 +176,7 @@ class Decoder:
             self._prompt_tokens(msg),
             int(msg["max_tokens"]),
             list(msg.get("stop") or []),
-            lm.detokenizer(self.tokenizer, continuation=msg.get("messages") is None),
+            lm.detokenizer(self.tokenizer),
             int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None,
         )
         if not stream.tokens:
