@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import html.parser
+import json
 import math
+
+import nbformat
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
 
 from mlx_jupyter.kernel.logprobs_view import TOKEN_CLASS, colour, label, logprobs_bundle, percent, visible
 from mlx_jupyter.kernel.render import MLXResult, final_bundle
@@ -124,3 +129,46 @@ def test_a_result_with_logprobs_renders_the_view_in_every_format_and_one_without
     plain = MLXResult(text="*x*", model=TINY, finish_reason="stop", format="markdown", value="*x*")
     assert final_bundle(plain) == {"text/markdown": "*x*", "text/plain": "*x*"}
     assert plain._repr_html_() is None
+
+
+def test_a_kernel_shows_logprobs_token_by_token_and_the_saved_notebook_keeps_the_view(tmp_path):
+    cells = [
+        "%load_ext mlx_jupyter\n%config MLXMagics.server = 'local'\n%config MLXMagics.idle_timeout = 0",
+        f"%%mlx -m {TINY} --raw --max-tokens 12 --logprobs 3 -o shaded\nHello",
+        f"%%mlx -m {TINY} --raw --max-tokens 12 -o plain\nHello",
+        "import json\nprint(json.dumps({'usage': shaded.usage, 'text': shaded.text, 'logprobs': shaded.logprobs,"
+        " 'plain': [plain.text, plain.logprobs]}))",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(tmp_path))
+    try:
+        NotebookClient(nb, km=km, timeout=180).execute()
+    finally:
+        km.shutdown_kernel(now=False)
+    nbformat.write(nb, tmp_path / "saved.ipynb")
+    saved = nbformat.read(tmp_path / "saved.ipynb", as_version=4)
+    _, shaded_cell, plain_cell, check_cell = saved.cells
+    kept = json.loads(check_cell.outputs[0].text)
+    entries, tokens = kept["logprobs"], kept["usage"]["completion_tokens"]
+
+    # The result keeps one entry per answer token, in order, each with its 3 alternatives.
+    assert tokens == 12 and len(entries) == tokens
+    assert all(len(e["top_logprobs"]) == 3 for e in entries)
+    assert b"".join(bytes(e["bytes"]) for e in entries).decode("utf-8", errors="replace") == kept["text"]
+    # The answer's display, as saved: the token view (the streamed text it replaced is gone) and the footer.
+    view, footer = shaded_cell.outputs
+    assert set(view.data) == {"text/html", "text/plain"}
+    spans = parse(view.data["text/html"]).tokens
+    assert len(spans) == tokens, "not one span per completion token"
+    for span, e in zip(spans, entries, strict=True):
+        p = math.exp(e["logprob"])
+        assert f"background-color: {colour(p)}" in span["style"]
+        assert span["title"].splitlines()[:2] == [f"{visible(label(e))}  {percent(p)}", "top 3:"]
+    assert view.data["text/plain"].startswith(kept["text"] + "\n\n")
+    assert len(view.data["text/plain"].splitlines()) >= tokens + 1, "no table of tokens in the plain fallback"
+    assert "12 tokens" in footer.data["text/plain"]
+    # Without --logprobs: rendered as before, nothing kept.
+    plain_text, plain_logprobs = kept["plain"]
+    assert plain_logprobs is None and plain_text == kept["text"]
+    assert plain_cell.outputs[0].data == {"text/markdown": plain_text, "text/plain": plain_text}
