@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import html.parser
+import io
 import json
 import math
 
 import nbformat
+import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from mlx_jupyter.kernel.logprobs_view import TOKEN_CLASS, colour, label, logprobs_bundle, percent, visible
+from mlx_jupyter.kernel.logprobs_view import (
+    TOKEN_CLASS,
+    colour,
+    label,
+    logprobs_bundle,
+    logprobs_table,
+    percent,
+    visible,
+)
 from mlx_jupyter.kernel.render import MLXResult, final_bundle
-from tests.models import TINY
+from tests.helpers import run_cell
+from tests.models import TINY, TINY_A
 
 
 def entry(token: str | bytes, p: float, *alternatives: tuple[str, float]) -> dict:
@@ -172,3 +184,35 @@ def test_a_kernel_shows_logprobs_token_by_token_and_the_saved_notebook_keeps_the
     plain_text, plain_logprobs = kept["plain"]
     assert plain_logprobs is None and plain_text == kept["text"]
     assert plain_cell.outputs[0].data == {"text/markdown": plain_text, "text/plain": plain_text}
+
+
+def test_through_a_server_the_result_keeps_the_same_logprobs_as_from_an_engine_in_the_kernel(
+    shell, live
+):  # shell first: it checks for leftover processes after the server stops
+    shell.run_line_magic("config", f"MLXMagics.token = {live.token!r}")
+    shell.run_line_magic("config", f"MLXMagics.server = {live.url!r}")
+    result, out = run_cell(shell, f"%%mlx -m {TINY_A} --raw --max-tokens 8 --logprobs 2 -o remote\nHello")
+    assert result.success, result.error_in_exec
+    assert len(parse(out.outputs[-2].data["text/html"]).tokens) == 8
+    shell.run_line_magic("config", "MLXMagics.server = 'local'")  # the same weights, as builtin:tiny
+    result, _ = run_cell(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 --logprobs 2 -o here\nHello")
+    assert result.success, result.error_in_exec
+    remote, here = shell.user_ns["remote"].logprobs, shell.user_ns["here"].logprobs
+    assert len(remote) == len(here) == 8
+    for a, b in zip(remote, here, strict=True):
+        assert (a["token"], a["bytes"]) == (b["token"], b["bytes"])
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-3)
+        assert [t["bytes"] for t in a["top_logprobs"]] == [t["bytes"] for t in b["top_logprobs"]]
+
+
+def test_in_a_terminal_the_table_of_tokens_follows_the_answer(shell):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 4 --logprobs 1 -f text\nHello")
+    assert result.success, result.error_in_exec
+    answer = shell.user_ns["_mlx"]
+    printed = stdout.getvalue()
+    assert answer.logprobs is not None and len(answer.logprobs) == 4
+    table = logprobs_table(answer.logprobs)
+    assert f"{answer.text}\n{table}\n[{answer.footer()}]" in printed
+    assert len(table.splitlines()) == 5
