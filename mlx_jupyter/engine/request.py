@@ -311,7 +311,7 @@ class GenerationRequest:
     presence_penalty: float = field(
         default=0.0,
         metadata=_spec(
-            "Subtract this from the score of every token already generated (OpenAI's); 0 = off.",
+            "Subtract this from the score of every token in the last 20 (OpenAI's presence penalty); 0 = off.",
             {"type": "number", "minimum": -2, "maximum": 2},
             _number(-2.0, 2.0),
             openai=("presence_penalty",),
@@ -322,7 +322,7 @@ class GenerationRequest:
     frequency_penalty: float = field(
         default=0.0,
         metadata=_spec(
-            "Subtract this times its count from the score of every token already generated (OpenAI's); 0 = off.",
+            "Subtract this times its count in the last 20 tokens from each token's score (OpenAI's); 0 = off.",
             {"type": "number", "minimum": -2, "maximum": 2},
             _number(-2.0, 2.0),
             openai=("frequency_penalty",),
@@ -351,8 +351,7 @@ class GenerationRequest:
     top_logprobs: int = field(
         default=0,
         metadata=_spec(
-            "With each token, its N most likely alternatives and their log probabilities (0-20); "
-            "implies logprobs.",
+            "With each token, its N most likely alternatives and their log probabilities (0-20); implies logprobs.",
             {"type": "integer", "minimum": 0, "maximum": 20},
             _number(0, 20, integer=True),
             openai=("top_logprobs",),
