@@ -140,8 +140,8 @@ def measure(manager: WorkerManager, fields_of: dict[str, dict[str, Any]], args: 
                 cell.ms_per_token.append(statistics.median(x.ms_per_token for x in runs))
                 cell.worker_ms_per_token.append(statistics.median(x.worker_ms_per_token for x in runs))
                 cell.completion_tokens += [x.tokens for x in runs]
-            line = ", ".join(f"{n} {by_case[n].ms_per_token[-1]:.2f}" for n in names)
-            print(f"batch {batch}, round {r + 1}/{args.repeats}: ms/token {line}", file=sys.stderr)
+            line = ", ".join(f"{n} {by_case[n].worker_ms_per_token[-1]:.2f}" for n in names)
+            print(f"batch {batch}, round {r + 1}/{args.repeats}: decode ms/token {line}", file=sys.stderr)
         cells += by_case.values()
     return cells
 
@@ -173,18 +173,20 @@ def render(report: dict[str, Any]) -> str:
         f"{PROMPT!r}, max_tokens {report['tokens']}, {report['repeats']} round(s) after a warm-up; "
         f"batch 8 = 8 requests at once. Whole run {report['wall_s']:.0f} s.",
         "",
-        "ms/token: (final chunk - first chunk) / (tokens - 1) per stream, as the caller sees it (median of the "
-        "streams, then of the rounds; at batch 8 a step decodes a token for each of the 8). CPU ms/token: CPU "
-        "time of the worker and the calling process over all the round's tokens; it moves far less than wall "
-        "time when other programs load the machine. x plain: the median of the per-round ratios to the plain "
-        "request at the same batch size. The JSON file also has the worker's own timing of each stream.",
+        "decode ms/token: the worker's own time from a stream's first token to its end, per further token "
+        "(median of the streams, then of the rounds; at batch 8 one step decodes a token for each of the 8). "
+        "CPU ms/token: CPU time of the worker and the calling process over all the round's tokens, the parent's "
+        "handling of each token's frame included; it moves far less than wall time when other programs load "
+        "the machine. x plain: the median of the per-round ratios to the plain request at the same batch size. "
+        "The JSON file also has the caller's wall time per token (first chunk to final chunk), which a caller "
+        "scheduled late on a busy machine shortens by taking the chunks in a burst.",
         "",
-        "| batch | case | ms/token | x plain | CPU ms/token | CPU x plain | tokens |",
+        "| batch | case | decode ms/token | x plain | CPU ms/token | x plain | tokens |",
         "|--:|---|--:|--:|--:|--:|--:|",
     ]
     for row in report["results"]:
         lines.append(
-            f"| {row['batch']} | {row['case']} | {row['ms_per_token']:.2f} | {row['ratio']:.2f} "
+            f"| {row['batch']} | {row['case']} | {row['worker_ms_per_token']:.2f} | {row['worker_ratio']:.2f} "
             f"| {row['cpu_ms_per_token']:.2f} | {row['cpu_ratio']:.2f} "
             f"| {'/'.join(map(str, row['completion_tokens']))} |"
         )
