@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -35,6 +36,13 @@ BATCHES = (1, 8)
 RESULTS = Path(__file__).resolve().parent / "results"
 # Common tokens pushed down, as a user steering word choice would; the cost does not depend on which.
 BIASED_WORDS = (" the", " is", ".", ",")
+MEASURES = (
+    "ms_per_token",
+    "worker_ms_per_token",
+    "cpu_ms_per_token",
+    "worker_cpu_ms_per_token",
+    "caller_cpu_ms_per_token",
+)
 
 
 @dataclass
@@ -56,14 +64,17 @@ class Run:
 @dataclass
 class Cell:
     """Everything measured for one case at one batch size, one value per round: the median of its
-    streams, except ``cpu_ms_per_token``: CPU time of the worker and this process together over all
-    the round's tokens (unlike wall time it barely moves when other programs load the machine)."""
+    streams, except the CPU times: the worker's, this process's (the engine's parent side and the
+    callers) and both together, over all the round's tokens. Unlike wall time they barely move
+    when other programs load the machine; NaN where the worker's is unknown (no Linux /proc)."""
 
     batch: int
     case: str
     ms_per_token: list[float] = field(default_factory=list)
     worker_ms_per_token: list[float] = field(default_factory=list)
     cpu_ms_per_token: list[float] = field(default_factory=list)
+    worker_cpu_ms_per_token: list[float] = field(default_factory=list)
+    caller_cpu_ms_per_token: list[float] = field(default_factory=list)
     completion_tokens: list[int] = field(default_factory=list)
 
 
@@ -134,9 +145,12 @@ def measure(manager: WorkerManager, fields_of: dict[str, dict[str, Any]], args: 
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 caller_cpu, worker_cpu = time.process_time(), process_cpu_s(worker)
                 runs = run_batch(manager, fields_of[name], args.tokens, batch)
-                cpu_s = time.process_time() - caller_cpu + (process_cpu_s(worker) or 0.0) - (worker_cpu or 0.0)
+                caller_cpu, worker_cpu = time.process_time() - caller_cpu, _spent(worker_cpu, process_cpu_s(worker))
+                per_token = 1000 / sum(x.tokens for x in runs)
                 cell = by_case[name]
-                cell.cpu_ms_per_token.append(1000 * cpu_s / sum(x.tokens for x in runs))
+                cell.caller_cpu_ms_per_token.append(caller_cpu * per_token)
+                cell.worker_cpu_ms_per_token.append(worker_cpu * per_token)
+                cell.cpu_ms_per_token.append((caller_cpu + worker_cpu) * per_token)
                 cell.ms_per_token.append(statistics.median(x.ms_per_token for x in runs))
                 cell.worker_ms_per_token.append(statistics.median(x.worker_ms_per_token for x in runs))
                 cell.completion_tokens += [x.tokens for x in runs]
@@ -146,6 +160,14 @@ def measure(manager: WorkerManager, fields_of: dict[str, dict[str, Any]], args: 
     return cells
 
 
+def _spent(before: float | None, after: float | None) -> float:
+    return after - before if before is not None and after is not None else math.nan
+
+
+def _median(values: list[float]) -> float:
+    return math.nan if any(math.isnan(v) for v in values) else statistics.median(values)
+
+
 def summary(cells: list[Cell]) -> list[dict[str, Any]]:
     """One row per batch and case: medians, and the median per-round ratio to plain at that batch."""
     plain = {c.batch: c for c in cells if c.case == "plain"}
@@ -153,11 +175,11 @@ def summary(cells: list[Cell]) -> list[dict[str, Any]]:
     for c in cells:
         base = plain[c.batch]
         row: dict[str, Any] = {"batch": c.batch, "case": c.case}
-        for key in ("ms_per_token", "worker_ms_per_token", "cpu_ms_per_token"):
+        for key in MEASURES:
             values, plain_values = getattr(c, key), getattr(base, key)
-            row[key] = statistics.median(values)
-            row[key.replace("ms_per_token", "ratio")] = statistics.median(
-                x / p for x, p in zip(values, plain_values, strict=True)
+            row[key] = _median(values)
+            row[key.replace("ms_per_token", "ratio")] = _median(
+                [x / p for x, p in zip(values, plain_values, strict=True)]
             )
         row["completion_tokens"] = sorted(set(c.completion_tokens))
         row["rounds"] = asdict(c)
@@ -175,19 +197,21 @@ def render(report: dict[str, Any]) -> str:
         "",
         "decode ms/token: the worker's own time from a stream's first token to its end, per further token "
         "(median of the streams, then of the rounds; at batch 8 one step decodes a token for each of the 8). "
-        "CPU ms/token: CPU time of the worker and the calling process over all the round's tokens, the parent's "
-        "handling of each token's frame included; it moves far less than wall time when other programs load "
-        "the machine. x plain: the median of the per-round ratios to the plain request at the same batch size. "
+        "CPU ms/token: CPU time of the worker plus that of the calling process (the engine's parent side, which "
+        "reads each token's frame, and the callers) over all the round's tokens; it moves far less than wall "
+        "time when other programs load the machine. x plain: the median of the per-round ratios to the plain "
+        "request at the same batch size. "
         "The JSON file also has the caller's wall time per token (first chunk to final chunk), which a caller "
         "scheduled late on a busy machine shortens by taking the chunks in a burst.",
         "",
-        "| batch | case | decode ms/token | x plain | CPU ms/token | x plain | tokens |",
+        "| batch | case | decode ms/token | x plain | CPU ms/token (worker + caller) | x plain | tokens |",
         "|--:|---|--:|--:|--:|--:|--:|",
     ]
     for row in report["results"]:
         lines.append(
             f"| {row['batch']} | {row['case']} | {row['worker_ms_per_token']:.2f} | {row['worker_ratio']:.2f} "
-            f"| {row['cpu_ms_per_token']:.2f} | {row['cpu_ratio']:.2f} "
+            f"| {row['cpu_ms_per_token']:.2f} ({row['worker_cpu_ms_per_token']:.2f} + "
+            f"{row['caller_cpu_ms_per_token']:.2f}) | {row['cpu_ratio']:.2f} "
             f"| {'/'.join(map(str, row['completion_tokens']))} |"
         )
     return "\n".join([*lines, ""])
