@@ -5,7 +5,9 @@ request on builtin:pydoc with some sampling fields added; batch 8 is 8 such requ
 engine at once, so they decode as rows of one batch. Cases are run round-robin, one run of each per
 round and in a rotating order, so load from other processes falls on all of them alike. A case's
 cost is the median over the rounds, its ratio the median of its per-round ratios to plain.
-Writes ``sampling_cost.json`` and ``sampling_cost.md`` to DIR (default benchmarks/results).
+A second measure times the score processing of one step alone, in this process, where the
+forward pass does not drown it. Writes ``sampling_cost.json`` and ``sampling_cost.md`` to DIR
+(default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -160,6 +162,82 @@ def measure(manager: WorkerManager, fields_of: dict[str, dict[str, Any]], args: 
     return cells
 
 
+# -- the score processing alone, in this process ------------------------------------
+
+
+def processing_costs(fields_of: dict[str, dict[str, Any]], steps: int, repeats: int) -> list[dict[str, Any]]:
+    """CPU µs of one decode step's score processing alone, per batch size and case.
+
+    On real logits of the model (its last position after the prompt, one copy per row), what a
+    worker's step does between the forward pass and the next: each row's processors, as mlx-lm's
+    BatchGenerator applies them (row by row, on the row's recent tokens), the normalisation, the
+    batch's greedy sampler and, with logprobs, the worker's pick of each row's top entries. The
+    processors, sampler and pick are the engine's own (``mlx_lm_adapter``). Cases run round-robin,
+    ``steps`` steps per run; the median of ``repeats`` runs, in this process's CPU time.
+    """
+    import mlx.core as mx
+
+    from mlx_jupyter.engine import mlx_lm_adapter as lm
+    from mlx_jupyter.engine.request import GenerationRequest
+
+    model, tokenizer, _ = lm.load(str(ModelResolver().resolve(MODEL).path))
+    prompt = lm.encode_prompt(tokenizer, PROMPT)
+    logits = model(mx.array([prompt]))[:, -1, :]
+    history = mx.array([(prompt * 20)[:20]])  # a full window for the penalties
+    greedy = lm.sampler(0.0, 1.0, 0, 0.0)
+    rows = []
+    for batch in BATCHES:
+        scores = mx.repeat(logits, batch, axis=0)
+        mx.eval(scores)
+        work = {}
+        for name, fields in fields_of.items():
+            r = GenerationRequest.parse({"prompt": PROMPT, **fields})
+            processors = lm.logits_processors(
+                r.logit_bias, r.repetition_penalty, r.repetition_context_size, r.presence_penalty, r.frequency_penalty
+            )
+            work[name] = _step(scores, history, processors, greedy, r.top_logprobs if r.logprobs else None)
+        runs: dict[str, list[float]] = {name: [] for name in work}
+        for name in work:  # warm-up
+            work[name]()
+        for i in range(repeats):
+            for name in list(work)[i % len(work) :] + list(work)[: i % len(work)]:
+                start = time.process_time()
+                for _ in range(steps):
+                    work[name]()
+                runs[name].append(1e6 * (time.process_time() - start) / steps)
+        plain = statistics.median(runs["plain"])
+        for name, values in runs.items():
+            us = statistics.median(values)
+            rows.append({"batch": batch, "case": name, "us_per_step": us, "extra_us_per_token": (us - plain) / batch})
+    return rows
+
+
+def _step(scores: Any, history: Any, processors: list[Any], sampler: Any, top: int | None) -> Any:
+    """One step's score processing, as a function of nothing (see ``processing_costs``)."""
+    import mlx.core as mx
+
+    from mlx_jupyter.engine import mlx_lm_adapter as lm
+
+    def step() -> None:
+        x = scores
+        if processors:
+            processed = []
+            for e in range(scores.shape[0]):
+                row = scores[e : e + 1]
+                for processor in processors:
+                    row = processor(history, row)
+                processed.append(row)
+            x = mx.concatenate(processed, axis=0)
+        logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
+        sampled = sampler(logprobs)
+        mx.eval(sampled, logprobs)
+        if top is not None:
+            for e, token in enumerate(sampled.tolist()):
+                lm.top_logprobs(logprobs[e], token, top)
+
+    return step
+
+
 def _spent(before: float | None, after: float | None) -> float:
     return after - before if before is not None and after is not None else math.nan
 
@@ -214,6 +292,23 @@ def render(report: dict[str, Any]) -> str:
             f"{row['caller_cpu_ms_per_token']:.2f}) | {row['cpu_ratio']:.2f} "
             f"| {'/'.join(map(str, row['completion_tokens']))} |"
         )
+    lines += [
+        "",
+        "## The score processing alone",
+        "",
+        "CPU µs of one decode step between the forward pass and the next, in the benchmark process on the "
+        "model's real logits: each row's processors, normalisation, greedy sampling and, with logprobs, the "
+        "top-5 pick per row (the engine's own functions, applied as mlx-lm's BatchGenerator applies them). "
+        f"Medians of {report['processing_repeats']} runs of {report['processing_steps']} steps; extra = "
+        "(case - plain) / batch, per token.",
+        "",
+        "| batch | case | µs per step | extra µs per token |",
+        "|--:|---|--:|--:|",
+    ]
+    for row in report["processing"]:
+        lines.append(
+            f"| {row['batch']} | {row['case']} | {row['us_per_step']:.0f} | {row['extra_us_per_token']:+.0f} |"
+        )
     return "\n".join([*lines, ""])
 
 
@@ -233,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     with WorkerManager(idle_timeout=0, max_loaded_models=1) as manager:
         manager.load(MODEL)
         cells = measure(manager, fields_of, args)
+    steps = 20 if args.quick else 200
+    processing = processing_costs(fields_of, steps, args.repeats)
     import mlx.core as mx
     import mlx_lm
 
@@ -249,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         "batches": list(BATCHES),
         "cases": fields_of,
         "results": summary(cells),
+        "processing_steps": steps,
+        "processing_repeats": args.repeats,
+        "processing": processing,
         "wall_s": time.perf_counter() - started,
     }
     table = render(report)

@@ -97,3 +97,8 @@ def test_sampling_cost_quick_run_reports_every_case_at_both_batch_sizes_against_
         streams = row["rounds"]["completion_tokens"]
         assert len(streams) == batch * report["repeats"] and all(2 <= n <= report["tokens"] for n in streams)
         assert f"| {batch} | {case} |" in table
+    processing = {(r["batch"], r["case"]): r for r in report["processing"]}
+    assert set(processing) == set(rows) and "## The score processing alone" in table
+    for (batch, case), row in processing.items():
+        assert math.isfinite(row["us_per_step"]) and row["us_per_step"] > 0, f"{case} at batch {batch}: {row}"
+        assert math.isfinite(row["extra_us_per_token"]) and (case != "plain" or row["extra_us_per_token"] == 0)
