@@ -145,6 +145,7 @@ def _flag(name: str, value: Any, limits: Limits) -> bool:
 
 
 MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_TOP_LOGPROBS = 20
 
 
 def _logit_bias(name: str, value: Any, limits: Limits) -> dict[int, float]:
@@ -351,9 +352,10 @@ class GenerationRequest:
     top_logprobs: int = field(
         default=0,
         metadata=_spec(
-            "With each token, its N most likely alternatives and their log probabilities (0-20); implies logprobs.",
-            {"type": "integer", "minimum": 0, "maximum": 20},
-            _number(0, 20, integer=True),
+            f"With each token, its N most likely alternatives and their log probabilities (0-{MAX_TOP_LOGPROBS}); "
+            "implies logprobs.",
+            {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+            _number(0, MAX_TOP_LOGPROBS, integer=True),
             openai=("top_logprobs",),
             option=("--logprobs",),
             metavar="N",
