@@ -93,7 +93,7 @@ def test_hostile_tokens_are_escaped_newlines_break_lines_and_partial_utf8_shows_
         "top 3:",
         '  50.0%  "<script>"',
         '  20.0%  "</div>"',
-        '  10.0%  """',
+        '  10.0%  "\\""',
     ]
     assert spans.tokens[3]["title"].splitlines() == ['"\\n"  75.0%', "top 2:", '  75.0%  "\\n"', '  10.0%  "\\n\\n"']
     assert spans.tokens[5]["title"].splitlines()[0] == '"\\xe2\\x80"  30.0%'
@@ -128,7 +128,7 @@ def test_labels_and_probabilities_as_shown():
     assert label({"token": "x", "bytes": None}) == "x"
     assert label({"token": "\ufffd", "bytes": [0xF0, 0x9F]}) == "\\xf0\\x9f"
     assert label({"token": "é", "bytes": [0xC3, 0xA9]}) == "é"
-    assert visible("a\x00\x7f\r") == '"a\\x00\\x7f\\r"'
+    assert visible('a\x00\x7f\r"') == '"a\\x00\\x7f\\r\\""'
     shown = {1.0: "100.0%", 0.5: "50.0%", 0.00123: "0.1%", 0.00098: "0.098%", 0.0000123: "0.0012%", 0.0: "0%"}
     assert {p: percent(p) for p in shown} == shown
 

@@ -12,7 +12,7 @@ LIKELY = (0xFF, 0xF7, 0xEC)
 UNLIKELY = (0xF4, 0x6D, 0x43)
 LEGEND_STEPS = (0.0, 0.25, 0.5, 0.75, 1.0)
 TOKEN_CLASS = "mlx-logprob-token"
-_CONTROL_NAMES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", '"': '\\"'}
 
 
 def probability(logprob: float | None) -> float:
@@ -38,8 +38,8 @@ def label(entry: dict[str, Any]) -> str:
 
 
 def visible(text: str) -> str:
-    """``text`` quoted, with newlines, tabs and other control characters written out (tooltips, tables)."""
-    out = "".join(_CONTROL_NAMES.get(c, f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in text)
+    """``text`` quoted, with quotes, newlines, tabs and other control characters written out (tooltips, tables)."""
+    out = "".join(_ESCAPES.get(c, f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c) for c in text)
     return f'"{out}"'
 
 
@@ -76,11 +76,12 @@ def _span_text(text: str) -> str:
 
 
 def token_span(entry: dict[str, Any]) -> str:
-    p = probability(entry.get("logprob"))
-    return (
-        f'<span class="{TOKEN_CLASS}" title="{html.escape(tooltip(entry), quote=True)}" '
-        f'style="background-color: {colour(p)}; color: #000; border-radius: 2px">{_span_text(label(entry))}</span>'
+    # A faint right border marks where one token ends and the next begins.
+    style = (
+        f"background-color: {colour(probability(entry.get('logprob')))}; color: #000; border-right: 1px solid #00000026"
     )
+    title = html.escape(tooltip(entry), quote=True)
+    return f'<span class="{TOKEN_CLASS}" title="{title}" style="{style}">{_span_text(label(entry))}</span>'
 
 
 def legend(top: int) -> str:
