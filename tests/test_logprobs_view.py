@@ -216,3 +216,16 @@ def test_in_a_terminal_the_table_of_tokens_follows_the_answer(shell):
     table = logprobs_table(answer.logprobs)
     assert f"{answer.text}\n{table}\n[{answer.footer()}]" in printed
     assert len(table.splitlines()) == 5
+
+
+def test_logprobs_0_asks_for_each_tokens_probability_without_alternatives(shell):
+    magics = shell.magics_manager.registry["MLXMagics"]
+
+    def request(*options: str) -> dict:
+        return magics._request(magics.mlx_cell.parser.parse_args(list(options)), "x")
+
+    assert request("--logprobs", "0").items() >= {"logprobs": True, "top_logprobs": 0}.items()
+    assert request("--logprobs", "3")["logprobs"] is True
+    assert "logprobs" not in request() and "top_logprobs" not in request()
+    one_each = [entry("a", 0.5), entry("b", 0.25)]
+    assert "hover a token for its probability" in logprobs_bundle("ab", one_each)["text/html"]
