@@ -12,7 +12,7 @@ from mlx_jupyter.engine.errors import InvalidRequestError
 from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.token_logprobs import TokenBytes, entry
 from tests.helpers import run_concurrently
-from tests.models import TINY
+from tests.models import PYDOC, TINY
 
 # builtin:tiny's greedy answer to this prompt repeats one token ("hon") for as long as it may:
 # any penalty on repeats must change it.
@@ -36,6 +36,14 @@ def test_each_penalty_changes_a_repetitive_greedy_answer(make_manager):
         assert answer == manager.generate(model=TINY, **REPEATS, **penalty).text, "a greedy answer is deterministic"
         answers[str(penalty)] = answer
     assert len(set(answers.values())) > 1, answers
+
+
+def test_the_repetition_penalty_looks_back_as_far_as_its_context_size(make_manager):
+    manager = make_manager()
+    ask = {"model": PYDOC, "prompt": "The for statement", "max_tokens": 40, "repetition_penalty": 1.3}
+    last_token = manager.generate(**ask, repetition_context_size=1).text
+    far = manager.generate(**ask, repetition_context_size=64).text
+    assert last_token != far
 
 
 def test_logit_bias_forces_and_bans_tokens(make_manager):

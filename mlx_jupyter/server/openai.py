@@ -8,8 +8,9 @@ from jupyter_server.auth.decorator import authorized
 from tornado import web
 
 from mlx_jupyter.engine.errors import ModelNotFoundError
+from mlx_jupyter.engine.field_checks import MAX_TOP_LOGPROBS
 from mlx_jupyter.engine.models import ModelSpec
-from mlx_jupyter.engine.request import MAX_TOP_LOGPROBS, SAME_DEFAULT, field_specs
+from mlx_jupyter.engine.request import SAME_DEFAULT, field_specs
 from mlx_jupyter.server.base import APIError, MLXHandler
 from mlx_jupyter.server.handlers import without_nulls
 from mlx_jupyter.server.streaming import GenerationHandler
