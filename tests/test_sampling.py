@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 from mlx_jupyter.builtin_models.builder import EOS
 from mlx_jupyter.engine.errors import InvalidRequestError
 from mlx_jupyter.engine.models import builtin_model_path
-from mlx_jupyter.engine.token_logprobs import TokenBytes, entry
+from mlx_jupyter.engine.token_logprobs import entry
+from mlx_jupyter.engine.token_text import TokenBytes
 from tests.helpers import run_concurrently
 from tests.models import PYDOC, TINY
 
@@ -52,7 +53,7 @@ def test_logit_bias_forces_and_bans_tokens(make_manager):
     first, runner_up = plain.logprobs[0]["top_logprobs"]
     forced = manager.generate(model=TINY, **REPEATS, logit_bias={"70": 100}, logprobs=True)
     assert {e["token"] for e in forced.logprobs} == {forced.logprobs[0]["token"]}, "token 70 every time"
-    banned_id = _tokenizer().token_to_id(first["token"])
+    banned_id = _tokenizer().token_to_id(first["token"].replace(" ", "\u0120"))
     banned = manager.generate(model=TINY, **REPEATS, logit_bias={banned_id: -100}, logprobs=True)
     assert banned.logprobs[0]["token"] == runner_up["token"]
     assert first["token"] not in {e["token"] for e in banned.logprobs}
@@ -135,6 +136,21 @@ def test_a_seeded_sampled_request_with_penalties_reproduces_its_seed_among_batch
     others = [{**REPEATS, "presence_penalty": 1.0}, {"prompt": "other", "max_tokens": 20, "temperature": 1.0}]
     together = run_concurrently(manager, [*others, seeded, *others])
     assert together[2].text == alone.text
+
+
+@pytest.mark.parametrize("alone", [False, True], ids=["batched", "alone"])
+def test_a_completion_keeps_its_first_space_and_a_chat_answer_drops_it(make_manager, alone):
+    # mlx-lm's detokenizer drops the first leading space: "Hello" + " n" would read "Hellon".
+    manager = make_manager()
+    space_n = _tokenizer().token_to_id("\u0120n")  # " n" in the byte-level alphabet
+    ask = {"model": TINY, "max_tokens": 3, "logit_bias": {space_n: 100}, "logprobs": True}
+    if alone:  # a seeded sampled request runs by itself, through mlx-lm's single-request generator
+        ask |= {"temperature": 1.0, "seed": 1}
+    completion = manager.generate(prompt="Hello", **ask)
+    assert completion.text == " n n n"
+    assert b"".join(bytes(e["bytes"]) for e in completion.logprobs).decode() == completion.text
+    chat = manager.generate(messages=[{"role": "user", "content": "Hello"}], **ask)
+    assert chat.text == "n n n"
 
 
 # -- token bytes, for every way a tokenizer spells its pieces ----------------------------------------------

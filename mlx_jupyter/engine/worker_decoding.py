@@ -12,7 +12,8 @@ from mlx_jupyter.engine import mlx_lm_adapter as lm
 from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine.load_bound import bounded_memory
 from mlx_jupyter.engine.stop_strings import StopMatcher
-from mlx_jupyter.engine.token_logprobs import TokenBytes, entry
+from mlx_jupyter.engine.token_logprobs import entry
+from mlx_jupyter.engine.token_text import TextStream, TokenBytes
 from mlx_jupyter.engine.worker_channel import Commands
 
 log = logging.getLogger("mlx_jupyter.worker")
@@ -68,6 +69,7 @@ class Decoder:
         self.waiting: deque[dict[str, Any]] = deque()
         self.running: dict[int, _Stream] = {}  # batch uid -> stream
         self._samplers: dict[tuple[float, float, int, float], Any] = {}
+        self.kind = "plain"  # how the tokenizer spells bytes (see lm.tokenizer_kind)
         self.spell: TokenBytes | None = None  # token id -> bytes, once a model is loaded
 
     def serve(self) -> None:
@@ -121,9 +123,8 @@ class Decoder:
             return
         self.context_length = config.get("max_position_embeddings") or None
         self.vocab_size = int(config.get("vocab_size") or 0)
-        self.spell = TokenBytes(
-            self.tokenizer.convert_ids_to_tokens, lm.tokenizer_kind(self.tokenizer), self.tokenizer.decode
-        )
+        self.kind = lm.tokenizer_kind(self.tokenizer)
+        self.spell = TokenBytes(self.tokenizer.convert_ids_to_tokens, self.kind, self.tokenizer.decode)
         if lm.can_batch(self.model):
             self.batch = lm.Batch(self.model, self.tokenizer, self.batch_size)
         self.out.send(
@@ -176,7 +177,7 @@ class Decoder:
             self._prompt_tokens(msg),
             int(msg["max_tokens"]),
             list(msg.get("stop") or []),
-            lm.detokenizer(self.tokenizer),
+            self._detokenizer(chat=msg.get("messages") is not None),
             int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None,
         )
         if not stream.tokens:
@@ -225,6 +226,13 @@ class Decoder:
             self._samplers[key] = lm.sampler(*key)
         return self._samplers[key]
 
+    def _detokenizer(self, chat: bool) -> Any:
+        """The text of the answer's tokens from their bytes; a chat answer loses its first leading space."""
+        if self.kind == "plain":  # no bytes to spell: mlx-lm's own
+            return lm.detokenizer(self.tokenizer)
+        assert self.spell is not None
+        return TextStream(self.spell, trim_first_space=chat)
+
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
         if msg.get("messages") is not None:
             return lm.encode_chat(self.tokenizer, msg["messages"])
@@ -256,11 +264,7 @@ class Decoder:
             stream.generated += 1
             if stream.first_at is None:
                 stream.first_at = time.perf_counter()
-            if r.finish_reason != "stop":  # an end-of-sequence token adds no text
-                stream.detokenizer.add_token(r.token)
-            if r.finish_reason is not None:
-                stream.detokenizer.finalize()
-            text, stopped = stream.stopper.feed(stream.detokenizer.last_segment)
+            text, stopped = stream.stopper.feed(self._text(stream, r.token, r.finish_reason))
             # One frame per token even when its text is held back (a partial UTF-8
             # character, a possible stop string): the parent's deadlines count tokens.
             self.send_token(stream, text, r.token, r.logprobs)
@@ -271,6 +275,15 @@ class Decoder:
                 if tail := stream.stopper.flush():
                     self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
                 self.finish(self.running.pop(r.uid), r.finish_reason)
+
+    @staticmethod
+    def _text(stream: _Stream, token: int, finish_reason: str | None) -> str:
+        """The text ``token`` completes, and with the last token whatever the detokenizer held back."""
+        if finish_reason != "stop":  # an end-of-sequence token adds no text
+            stream.detokenizer.add_token(token)
+        if finish_reason is not None:
+            stream.detokenizer.finalize()
+        return stream.detokenizer.last_segment
 
     def send_token(self, stream: _Stream, text: str, token: int, logprobs: Any) -> None:
         frame = {"type": p.T_TOKEN, "request_id": stream.rid, "text": text}
@@ -323,7 +336,7 @@ class Decoder:
             stream.generated = last.generation_tokens
             if stream.first_at is None:
                 stream.first_at = time.perf_counter()
-            text, stopped = stream.stopper.feed(last.text)
+            text, stopped = stream.stopper.feed(self._text(stream, last.token, last.finish_reason))
             self.send_token(stream, text, last.token, last.logprobs)
             if stopped:
                 finish = "stop"
