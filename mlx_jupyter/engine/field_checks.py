@@ -94,22 +94,16 @@ def stops(name: str, value: Any, limits: Limits) -> list[str]:
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise InvalidRequestError("stop must be a non-empty string or a list of them", param=name)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(
-            f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}",
-            param=name,
-            limit=MAX_STOP_STRINGS,
-            value=len(stops),
-        )
+    _at_most(name, len(stops), MAX_STOP_STRINGS, f"{name} has {len(stops)} strings")
     longest = max((len(s) for s in stops), default=0)
-    if longest > MAX_STOP_CHARS:
-        raise InvalidRequestError(
-            f"a stop string is {longest} characters long; the limit is {MAX_STOP_CHARS}",
-            param=name,
-            limit=MAX_STOP_CHARS,
-            value=longest,
-        )
+    _at_most(name, longest, MAX_STOP_CHARS, f"a stop string is {longest} characters long")
     return list(stops)
+
+
+def _at_most(name: str, count: int, limit: int, what: str) -> None:
+    """Refuse ``count`` over ``limit``: the message says ``what`` and the limit."""
+    if count > limit:
+        raise InvalidRequestError(f"{what}; the limit is {limit}", param=name, limit=limit, value=count)
 
 
 def flag(name: str, value: Any, limits: Limits) -> bool:
@@ -126,13 +120,7 @@ def logit_bias(name: str, value: Any, limits: Limits) -> dict[int, float]:
     """``{token id: bias}``; ids come as JSON object keys (strings) or integers."""
     if not isinstance(value, dict):
         raise InvalidRequestError(f"{name} must be an object of token id -> bias, not {show(value)}", param=name)
-    if len(value) > MAX_LOGIT_BIAS:
-        raise InvalidRequestError(
-            f"{name} has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}",
-            param=name,
-            limit=MAX_LOGIT_BIAS,
-            value=len(value),
-        )
+    _at_most(name, len(value), MAX_LOGIT_BIAS, f"{name} has {len(value)} entries")
     bias = number(-100.0, 100.0)
     out = {}
     for token, weight in value.items():
