@@ -13,6 +13,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.display import DisplayHandle, display
 
 from mlx_jupyter.kernel.client import MLXClient
+from mlx_jupyter.kernel.logprobs_view import logprobs_bundle, logprobs_html, logprobs_table
 
 FORMATS = ("markdown", "text", "code", "json", "html")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:\n```|\Z)", re.DOTALL)
@@ -31,6 +32,8 @@ class MLXResult:
         format: the format it was rendered in.
         value: the parsed object for ``json``, the code for ``code``, else the text.
         prompt: the prompt as sent (after interpolation).
+        logprobs: with ``--logprobs N``, one entry per answer token: ``token``, ``bytes``,
+            ``logprob`` and its ``top_logprobs`` (most likely first); None when not asked.
     """
 
     text: str
@@ -41,6 +44,7 @@ class MLXResult:
     format: str = "markdown"
     value: Any = None
     prompt: str = ""
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -80,6 +84,9 @@ class MLXResult:
 
     def _repr_markdown_(self) -> str:
         return self.text
+
+    def _repr_html_(self) -> str | None:
+        return logprobs_html(self.logprobs) if self.logprobs is not None else None
 
 
 def extract_code(text: str) -> tuple[str, str]:
@@ -142,6 +149,8 @@ class LiveAnswer:
                 print()
             if not self.printed or result.format in ("json", "code"):
                 print(result.value if result.format == "json" else result.text)
+            if result.logprobs is not None:
+                print(logprobs_table(result.logprobs))
             print(f"[{footer}]")
             return
         bundle = final_bundle(result)
@@ -156,6 +165,8 @@ class LiveAnswer:
 
 def final_bundle(result: MLXResult) -> dict[str, Any]:
     text = result.text
+    if result.logprobs is not None:  # the token view replaces the format's rendering; value still follows it
+        return logprobs_bundle(text, result.logprobs)
     if result.format == "markdown":
         return {"text/markdown": text, "text/plain": text}
     if result.format == "html":
