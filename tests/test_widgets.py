@@ -30,7 +30,7 @@ def test_snapshot_renders_loaded_models_as_text_and_html(local_client):
     assert WIDGET_MIME in data  # the live view where a widget frontend runs
     text = data["text/plain"]
     assert text.startswith("models served by this kernel (local engine)")
-    assert TINY in text and "ready" in text and "unloads in" in text
+    assert TINY in text and "idle" in text and "unloads in" in text
     page = data["text/html"]
     assert "<td>builtin:tiny</td>" in page and "unloads in" in page
     assert TINY in [m["id"] for m in dashboard.available]

@@ -14,7 +14,8 @@ import traitlets
 from IPython.display import display
 
 from mlx_jupyter.kernel.client import ClientError, MLXClient, get_client
-from mlx_jupyter.kernel.render import idle_column, loaded_table, megabytes
+from mlx_jupyter.kernel.labels import countdown_text, state_label
+from mlx_jupyter.kernel.render import loaded_table, megabytes
 
 # Built from labextension/src/widget.ts with the same table code as the JupyterLab panel.
 STATIC = Path(__file__).parent / "static"
@@ -136,7 +137,7 @@ class ModelDashboard(anywidget.AnyWidget):
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
             for row in (
-                [m["id"], m["state"], megabytes(m.get("memory_bytes")), idle_column(m, now)]
+                [m["id"], state_label(m), megabytes(m.get("memory_bytes")), countdown_text(m, now)]
                 for m in self.snapshot["models"]
             )
         )
