@@ -70,6 +70,7 @@ def launch_chromium() -> Iterator:
 def open_page(browser, lab: LiveServer, name: str, path: str = "lab", block: str = "", ready: str = ".jp-LabShell"):
     """A page at ``path`` (``block``: a regex of URLs whose requests fail); its last screenshot when it closes.
 
+    ``lab?reset`` starts from an empty layout, without the notebooks earlier pages left open.
     The console's messages are kept in ``page.console`` (an activation failure shows there).
     """
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,7 @@ def open_page(browser, lab: LiveServer, name: str, path: str = "lab", block: str
     if block:  # a browser-side fault: those requests fail as if the server were gone
         page.route(re.compile(block), lambda route: route.abort())
     page.set_default_timeout(30_000)
-    page.goto(f"{lab.url}{path}?token={lab.token}")
+    page.goto(f"{lab.url}{path}{'&' if '?' in path else '?'}token={lab.token}")
     page.wait_for_selector(ready, state="attached", timeout=60_000)
     yield page
     shot(page, f"last-{name}")  # how the page looked at the end, passed or failed
