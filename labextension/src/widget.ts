@@ -52,7 +52,7 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
         available: model.get('available') as AvailableModel[],
         error: model.get('error') as string,
         pending: model.get('pending') as Pending,
-        reachable: true // the kernel answers for its host: its failures come as the error line
+        reachable: model.get('reachable') !== false
       },
       localNow()
     );
@@ -80,6 +80,7 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
   model.on('change:available', draw);
   model.on('change:error', draw);
   model.on('change:pending', draw);
+  model.on('change:reachable', draw);
   model.on('msg:custom', onMessage);
   const timer = window.setInterval(tick, 1000);
   draw();
@@ -90,6 +91,7 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
     model.off('change:available', draw);
     model.off('change:error', draw);
     model.off('change:pending', draw);
+    model.off('change:reachable', draw);
     model.off('msg:custom', onMessage);
   };
 }

@@ -54,6 +54,7 @@ class ModelDashboard(anywidget.AnyWidget):
     available = traitlets.List().tag(sync=True)
     pending = traitlets.Dict().tag(sync=True)  # model id -> "load" | "unload"
     error = traitlets.Unicode("").tag(sync=True)
+    reachable = traitlets.Bool(True).tag(sync=True)  # False while the host does not answer: no Load then
 
     def __init__(self, client: MLXClient | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -81,7 +82,9 @@ class ModelDashboard(anywidget.AnyWidget):
                 self.available = self._client.available()
         except ClientError as exc:
             fetch_error = str(exc)
+            self.reachable = False
         else:
+            self.reachable = True
             if models["models"] != self.snapshot["models"]:
                 self.snapshot = models
             self.send({"type": "clock", "server_time": models["server_time"]})
