@@ -67,8 +67,11 @@ def launch_chromium() -> Iterator:
         chromium.close()
 
 
-def open_page(browser, lab: LiveServer, name: str, path: str = "lab", block: str = "", ready: str = ".jp-LabShell"):
-    """A page at ``path`` (``block``: a regex of URLs whose requests fail); its last screenshot when it closes.
+def open_page(
+    browser, lab: LiveServer, name: str, path: str = "lab", block: str = "", ready: str = ".jp-LabShell", routes=()
+):
+    """A page at ``path`` (``block``: a regex of URLs whose requests fail; ``routes``: more (regex, handler)
+    pairs, set before the page loads); its last screenshot when it closes.
 
     ``lab?reset`` starts from an empty layout, without the notebooks earlier pages left open.
     The console's messages are kept in ``page.console`` (an activation failure shows there).
@@ -81,6 +84,8 @@ def open_page(browser, lab: LiveServer, name: str, path: str = "lab", block: str
     page.on("console", lambda message: page.console.append(message.text))
     if block:  # a browser-side fault: those requests fail as if the server were gone
         page.route(re.compile(block), lambda route: route.abort())
+    for pattern, handler in routes:
+        page.route(re.compile(pattern), handler)
     page.set_default_timeout(30_000)
     page.goto(f"{lab.url}{path}{'&' if '?' in path else '?'}token={lab.token}")
     page.wait_for_selector(ready, state="attached", timeout=60_000)

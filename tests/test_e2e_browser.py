@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Iterator
 
@@ -169,6 +170,36 @@ def test_panel_reads_at_the_default_sidebar_width(page, lab):
         stream.close()  # the client leaves: the server cancels the answer
     page.locator(f"{row(TINY_A)} .mlx-model-state").filter(has_text="idle").wait_for()
     unload_all(lab)
+
+
+def test_a_loading_model_shows_its_time_so_far_and_cannot_be_unloaded(browser, lab, request):
+    """The server's own answer for a model that is still loading, held there by the browser.
+
+    A real load of the tiny model is over before a browser can look (a warm spare worker is
+    waiting), so the page gets that state as the server words it, from its own snapshot of
+    a loaded model with the loading fields: an addition to the real loads of the other tests.
+    """
+    assert lab.client.post("mlx/api/models/load", json={"model": TINY_B}).status_code == 200
+    snapshot = lab.client.get("mlx/api/models").json()
+    unload_all(lab)
+    (status,) = [m for m in snapshot["models"] if m["id"] == TINY_B]
+    status.update(state="starting", pid=None, memory_bytes=0, loaded_at=None, last_used_at=None, expires_at=None)
+    body = json.dumps({"server_time": snapshot["server_time"], "models": [status]})
+    answer = lambda route: route.fulfill(status=200, content_type="application/json", body=body)  # noqa: E731
+    routes = [(r".*/mlx/api/models(\?.*)?$", answer)]
+    pages = open_page(browser, lab, request.node.name, block=r".*/mlx/api/events(\?.*)?$", routes=routes)
+    page = next(pages)
+    try:
+        open_panel(page)
+        entry = row(TINY_B)
+        page.locator(f"{entry} .mlx-model-countdown").filter(has_text=re.compile(r"^0:0[1-9] so far$")).wait_for()
+        assert page.inner_text(f"{entry} .mlx-model-state") == "loading"
+        assert page.is_hidden(f"{entry} .mlx-model-details"), "no memory or age yet: nothing to show"
+        assert page.is_disabled(f"{entry} .mlx-unload-button")
+        assert page.inner_text(STATUS) == "MLX: 1 loading"
+        shot(page, "8b-panel-loading")
+    finally:
+        next(pages, None)
 
 
 def luminance(css_color: str) -> float:
