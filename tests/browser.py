@@ -129,12 +129,27 @@ def write_notebook(root: Path, name: str, cells: list[str]) -> str:
     return name
 
 
+# The current tab is notebook ``path`` and its kernel is connected and idle.
+KERNEL_READY = """path => {
+  const widget = window.jupyterapp.shell.currentWidget;
+  const kernel = widget?.sessionContext?.session?.kernel;
+  return widget?.context?.path === path && kernel?.connectionStatus === 'connected' && kernel?.status === 'idle';
+}"""
+
+
+def command(page, name: str, args: dict | None = None) -> None:
+    """Run a JupyterLab command and wait for it; its result (often a widget) stays in the page."""
+    run = "([name, args]) => window.jupyterapp.commands.execute(name, args).then(() => null)"
+    page.evaluate(run, [name, args or {}])
+
+
 def open_and_run(page, name: str) -> None:
     """Open ``name`` in the JupyterLab page and run all its cells (not awaited)."""
     # Opened by command in the page already loaded: a lab/tree/ URL can start two kernels for it.
-    page.evaluate(f"window.jupyterapp.commands.execute('docmanager:open', {{path: {json.dumps(name)}}})")
+    command(page, "docmanager:open", {"path": name})
     page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=60_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", state="attached", timeout=60_000)
+    # Run only once its kernel answers: run-all before that asks the user to pick a kernel.
+    page.wait_for_function(KERNEL_READY, arg=name, timeout=120_000)
     # Not awaited: the command's promise settles only when every cell has run.
     page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
 

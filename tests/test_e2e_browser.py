@@ -14,6 +14,7 @@ from tests.browser import (
     IDLE_TIMEOUT,
     LONG_ID,
     PANEL,
+    command,
     launch_chromium,
     open_page,
     open_panel,
@@ -215,7 +216,7 @@ def test_panel_in_the_dark_theme_uses_the_theme_colours(page, lab):
     assert lab.client.post("mlx/api/models/load", json={"model": TINY_B}).status_code == 200
     page.locator(f"{row(TINY_B)} .mlx-model-countdown").filter(has_text="unloads in").wait_for()
     try:
-        page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Dark'})")
+        command(page, "apputils:change-theme", {"theme": "JupyterLab Dark"})
         page.wait_for_selector("body[data-jp-theme-light='false']", state="attached")
         page.wait_for_function(
             f"getComputedStyle(document.querySelector('{PANEL}')).backgroundColor !== 'rgb(255, 255, 255)'"
@@ -233,7 +234,7 @@ def test_panel_in_the_dark_theme_uses_the_theme_colours(page, lab):
             "jp-select-wrapper"
         )
     finally:
-        page.evaluate("window.jupyterapp.commands.execute('apputils:change-theme', {theme: 'JupyterLab Light'})")
+        command(page, "apputils:change-theme", {"theme": "JupyterLab Light"})
         page.wait_for_selector("body[data-jp-theme-light='true']", state="attached")
         unload_all(lab)
 

@@ -4,7 +4,6 @@ cell, and the panel and magics in Jupyter Notebook 7."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from collections.abc import Iterator
 
@@ -14,6 +13,7 @@ from tests.browser import (
     CHROMIUM,
     PANEL,
     ROOT,
+    command,
     launch_chromium,
     notebook_root,
     open_and_run,
@@ -126,13 +126,13 @@ def test_reopened_notebook_shows_the_saved_dashboard_snapshot(page, lab):
     name = write_notebook(root, "saved.ipynb", [DASHBOARD_CELL])
     open_and_run(page, name)
     outputs_of(page, "ModelDashboard").locator(f'.mlx-dashboard .mlx-model[data-model="{TINY}"]').wait_for()
-    page.evaluate("window.jupyterapp.commands.execute('docmanager:save')")
+    command(page, "docmanager:save")
     assert wait_for(lambda: "mlx-dashboard-snapshot" in (root / name).read_text(), timeout=30)
-    page.evaluate("window.jupyterapp.commands.execute('application:close')")
+    command(page, "application:close")
     page.wait_for_selector(".jp-Notebook", state="detached")
     shut_down_kernels(lab)  # the widget's model dies with its kernel
 
-    page.evaluate(f"window.jupyterapp.commands.execute('docmanager:open', {{path: {json.dumps(name)}}})")
+    command(page, "docmanager:open", {"path": name})
     output = page.locator(".jp-CodeCell", has_text="ModelDashboard").first.locator(".jp-OutputArea-output")
     # The note comes only from our fallback in the widget renderer: the notebook is trusted, so
     # JupyterLab chose the widget view (an untrusted one would show the HTML snapshot anyway).
