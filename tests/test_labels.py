@@ -31,8 +31,8 @@ def test_mlx_list_shows_the_state_once_and_the_countdown_in_panel_words():
     assert idle.splitlines()[2].split()[1:] == ["idle", "1", "1.0", "MB", "unloads", "in", "4:59"]
     busy = loaded_table(snapshot(state="ready", active_requests=1, expires_at=None))
     assert busy.splitlines()[2].split()[1:] == ["busy", "(1", "request)", "1", "1.0", "MB"]
-    loading = loaded_table(snapshot(state="starting", active_requests=0, expires_at=None, pid=None))
-    assert loading.splitlines()[2].split()[1:] == ["loading", "-", "1.0", "MB"]
+    loading = loaded_table(snapshot(state="starting", active_requests=0, expires_at=None, pid=None, memory_bytes=0))
+    assert loading.splitlines()[2].split()[1:] == ["loading", "-", "-"]  # no pid or memory yet, no countdown
 
 
 class SnapshotHost:

@@ -197,7 +197,13 @@ def megabytes(n: int | None) -> str:
 def loaded_table(models: dict[str, Any]) -> str:
     now = models.get("server_time") or time.time()
     rows = [
-        [m["id"], state_label(m), str(m.get("pid") or "-"), megabytes(m.get("memory_bytes")), countdown_text(m, now)]
+        [
+            m["id"],
+            state_label(m),
+            str(m.get("pid") or "-"),
+            megabytes(m["memory_bytes"]) if m.get("memory_bytes") else "-",  # none yet while loading
+            countdown_text(m, now),
+        ]
         for m in models.get("models", [])
     ]
     if not rows:
