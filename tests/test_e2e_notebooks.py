@@ -169,6 +169,15 @@ def test_interrupted_cell_keeps_its_answer_and_shows_no_traceback(page, lab):
 def test_notebook7_shows_the_panel_and_the_status_and_runs_the_magics(browser, lab, request):
     unload_all(lab)
     shut_down_kernels(lab)
+    # The file browser page too: every Notebook 7 page used to log that the plugin failed to activate.
+    tree = open_page(browser, lab, f"{request.node.name}-tree", path="tree", ready=".jp-DirListing")
+    page = next(tree)
+    try:
+        page.locator(".mlx-status-item").filter(has_text="MLX: no model loaded").wait_for()
+        failures = [line for line in page.console if "failed to activate" in line]
+        assert not failures, failures
+    finally:
+        next(tree, None)
     cells = ["%load_ext mlx_jupyter", "%%mlx -f text --max-tokens 8\nHello"]
     name = write_notebook(notebook_root(lab), "nb7.ipynb", cells)
     pages = open_page(browser, lab, request.node.name, path=f"notebooks/{name}", ready=".jp-Notebook .jp-Cell")
