@@ -215,7 +215,7 @@ def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
         nb = run_notebook("quickstart.ipynb", km)
         output = text_of(nb)
         assert "models served by this kernel (local engine)" in output
-        worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+ready\s+(\d+)", output)  # the notebook names no model
+        worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+idle\s+(\d+)", output)  # the notebook names no model
         assert worker, output[-2000:]
     finally:
         km.shutdown_kernel(now=False)

@@ -9,8 +9,9 @@ from collections.abc import Iterator
 import pytest
 from jupyter_client.manager import start_new_kernel
 
-from mlx_jupyter.kernel.client import LocalClient
+from mlx_jupyter.kernel.client import LocalClient, ServerClient
 from mlx_jupyter.kernel.widgets import ModelDashboard
+from tests.live_server import free_port
 from tests.models import TINY
 
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -30,7 +31,7 @@ def test_snapshot_renders_loaded_models_as_text_and_html(local_client):
     assert WIDGET_MIME in data  # the live view where a widget frontend runs
     text = data["text/plain"]
     assert text.startswith("models served by this kernel (local engine)")
-    assert TINY in text and "ready" in text and "unloads in" in text
+    assert TINY in text and "idle" in text and "unloads in" in text
     page = data["text/html"]
     assert "<td>builtin:tiny</td>" in page and "unloads in" in page
     assert TINY in [m["id"] for m in dashboard.available]
@@ -40,6 +41,15 @@ def test_snapshot_of_an_empty_host_says_so(local_client):
     data, _ = ModelDashboard(local_client)._repr_mimebundle_()
     assert data["text/plain"].endswith("no model loaded")
     assert "no model loaded" in data["text/html"]
+
+
+def test_a_host_that_does_not_answer_is_unreachable_until_it_does(local_client):
+    dashboard = ModelDashboard(ServerClient(f"http://127.0.0.1:{free_port()}/", timeout=5))
+    assert dashboard.reachable is False  # the frontend disables Load
+    assert "127.0.0.1" in dashboard.error
+    dashboard._client = local_client  # the same dashboard, now asking a host that answers
+    dashboard.refresh()
+    assert dashboard.reachable is True and dashboard.error == ""
 
 
 class Frontend:

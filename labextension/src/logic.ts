@@ -110,30 +110,31 @@ export function formatAge(seconds: number): string {
   return `${Math.floor(s / 86400)}d ${Math.floor((s % 86400) / 3600)}h`;
 }
 
-/** The state column: `loading`, `busy (N requests)`, `idle` or `unloading`. */
+/*
+ * The words for a model's state and idle countdown. `%mlx list` and the notebook
+ * snapshot say the same in Python (mlx_jupyter/kernel/labels.py); tests/labels.json holds
+ * the cases both must meet.
+ */
+
+/** The state: `loading`, `busy (N requests)`, `idle` or `unloading`. */
 export function stateLabel(model: ModelStatus): string {
-  switch (model.state) {
-    case 'starting':
-      return 'loading';
-    case 'ready': {
+  switch (stateKind(model)) {
+    case 'busy': {
       const n = model.active_requests;
-      if (n > 0) {
-        return `busy (${n} request${n === 1 ? '' : 's'})`;
-      }
-      return 'idle';
+      return `busy (${n} request${n === 1 ? '' : 's'})`;
     }
     default:
-      return 'unloading'; // draining, stopping
+      return stateKind(model);
   }
 }
 
-/** A CSS-friendly kind for the state column. */
+/** A CSS-friendly kind for the state. */
 export function stateKind(model: ModelStatus): 'loading' | 'busy' | 'idle' | 'unloading' {
   if (model.state === 'starting') {
     return 'loading';
   }
   if (model.state !== 'ready') {
-    return 'unloading';
+    return 'unloading'; // draining, stopping
   }
   return model.active_requests > 0 ? 'busy' : 'idle';
 }
@@ -146,17 +147,24 @@ export function secondsLeft(model: ModelStatus, now: number): number | null {
   return model.expires_at - now;
 }
 
-/** The countdown column: `unloads in 4:59`, `busy`, `kept loaded`, `loading`, `unloading`. */
+/**
+ * The idle countdown of an idle model: `unloads in 4:59`, `unloading now` or
+ * `kept loaded`; empty in every other state, which the state already names.
+ */
 export function countdownText(model: ModelStatus, now: number): string {
-  const kind = stateKind(model);
-  if (kind !== 'idle') {
-    return kind;
+  if (stateKind(model) !== 'idle') {
+    return '';
   }
   const left = secondsLeft(model, now);
   if (left === null) {
     return 'kept loaded';
   }
   return left > 0 ? `unloads in ${formatDuration(left)}` : 'unloading now';
+}
+
+/** How long a load has taken so far: `0:07 so far`. */
+export function loadingText(elapsed: number): string {
+  return `${formatDuration(Math.max(0, Math.floor(elapsed)))} so far`;
 }
 
 /** Seconds until the first idle unload among the models, or null when none is due. */
@@ -166,14 +174,25 @@ export function nextUnload(state: ModelsState, localNow: number): number | null 
   return lefts.length ? Math.min(...lefts) : null;
 }
 
-/** The status bar's text: `MLX: 2 loaded · next unload 4:12`. */
-export function statusBarText(state: ModelsState, localNow: number): string {
-  const n = state.models.length;
-  if (n === 0) {
+const KIND_ORDER = ['busy', 'loading', 'idle', 'unloading'] as const;
+
+/**
+ * The status bar's text: `MLX: 1 busy, 1 idle · next unload 4:12`, `MLX: no model
+ * loaded`, or `MLX: server unreachable` when the server does not answer.
+ */
+export function statusBarText(state: ModelsState, localNow: number, reachable = true): string {
+  if (!reachable) {
+    return 'MLX: server unreachable';
+  }
+  if (state.models.length === 0) {
     return 'MLX: no model loaded';
   }
+  const counts = KIND_ORDER.map(kind => [kind, state.models.filter(m => stateKind(m) === kind).length] as const);
+  const head = `MLX: ${counts
+    .filter(([, n]) => n > 0)
+    .map(([kind, n]) => `${n} ${kind}`)
+    .join(', ')}`;
   const next = nextUnload(state, localNow);
-  const head = `MLX: ${n} loaded`;
   return next === null ? head : `${head} · next unload ${formatDuration(next)}`;
 }
 

@@ -27,7 +27,7 @@ function localNow(): number {
  * buffers it) leaves the model polling.
  */
 export class ModelsModel {
-  private _data: DashboardData = { state: EMPTY_STATE, available: [], error: '', pending: {} };
+  private _data: DashboardData = { state: EMPTY_STATE, available: [], error: '', pending: {}, reachable: true };
   private readonly _changed = new Signal<this, void>(this);
   private readonly _ticked = new Signal<this, void>(this);
   private readonly _clock: number;
@@ -65,6 +65,11 @@ export class ModelsModel {
 
   get state(): ModelsState {
     return this._data.state;
+  }
+
+  /** False from a failed poll until the server answers again. */
+  get reachable(): boolean {
+    return this._data.reachable;
   }
 
   /** `events` while the event stream delivers, else `polling`. */
@@ -131,9 +136,10 @@ export class ModelsModel {
       const snapshot = await api.getModels();
       // The server answers again: drop its unreachable line, keep a failed action's.
       const error = this._data.error.startsWith(UNREACHABLE) ? '' : this._data.error;
-      this._set({ state: fromSnapshot(snapshot, localNow()), error });
+      this._set({ state: fromSnapshot(snapshot, localNow()), error, reachable: true });
     } catch (reason) {
-      this._set({ error: `${UNREACHABLE}: ${message(reason)}` });
+      // What it last said may no longer be true: show nothing rather than stale models.
+      this._set({ state: EMPTY_STATE, error: `${UNREACHABLE}: ${message(reason)}`, reachable: false });
       throw reason; // the Poll backs off
     }
   }
@@ -148,7 +154,7 @@ export class ModelsModel {
             gotSnapshot = true;
             this._live = true;
             this._streamFailures = 0;
-            this._set({ state: fromSnapshot(snapshot, localNow()) });
+            this._set({ state: fromSnapshot(snapshot, localNow()), reachable: true });
           },
           event: event => this._set({ state: applyEvent(this._data.state, event, localNow()) })
         },

@@ -1,6 +1,6 @@
-/** The "MLX models" sidebar panel: the models table, ticking every second while shown. */
+/** The "MLX models" side panel: the models list, ticking every second while shown. */
 
-import { LabIcon } from '@jupyterlab/ui-components';
+import { LabIcon, Styling } from '@jupyterlab/ui-components';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
@@ -28,6 +28,7 @@ export class ModelsPanel extends Widget {
       load: id => void model.load(id),
       unload: id => void model.unload(id)
     });
+    Styling.wrapSelect(this.view.select); // JupyterLab's select, with its caret, in every theme
     this.node.append(heading, this.view.node, this.status);
     model.changed.connect(this.render, this);
   }

@@ -1,4 +1,4 @@
-/** The status bar item: "MLX: 2 loaded · next unload 4:12", ticking every second. */
+/** The status bar item: "MLX: 1 busy, 1 idle · next unload 4:12", ticking every second. */
 
 import { Widget } from '@lumino/widgets';
 
@@ -16,7 +16,7 @@ export class ModelsStatusItem extends Widget {
   }
 
   render(): void {
-    this.node.textContent = statusBarText(this.model.state, Date.now() / 1000);
+    this.node.textContent = statusBarText(this.model.state, Date.now() / 1000, this.model.reachable);
   }
 
   dispose(): void {

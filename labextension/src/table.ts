@@ -1,5 +1,5 @@
 /**
- * The models table with its load control, in plain DOM: the JupyterLab panel and the
+ * The models list with its load control, in plain DOM: the JupyterLab panel and the
  * notebook widget both render through it.
  */
 
@@ -9,12 +9,13 @@ import {
   countdownText,
   formatAge,
   formatBytes,
+  loadingText,
   serverNow,
   stateKind,
   stateLabel
 } from './logic';
 
-/** What the user can do from the table. */
+/** What the user can do from the list. */
 export interface DashboardActions {
   load(modelId: string): void;
   unload(modelId: string): void;
@@ -23,65 +24,67 @@ export interface DashboardActions {
 /** An action under way, per model id. */
 export type Pending = Record<string, 'load' | 'unload'>;
 
-/** Everything the table shows. */
+/** Everything the list shows. */
 export interface DashboardData {
   state: ModelsState;
   available: AvailableModel[];
   error: string;
   pending: Pending;
+  /** False while the server does not answer: nothing can be loaded then. */
+  reachable: boolean;
 }
 
 interface Row {
-  tr: HTMLTableRowElement;
+  node: HTMLElement;
   state: HTMLElement;
-  memory: HTMLElement;
-  since: HTMLElement;
   countdown: HTMLElement;
+  details: HTMLElement;
   button: HTMLButtonElement;
+  /** Server time when this view first saw the model loading, for the elapsed time. */
+  loadingSince: number | null;
 }
 
-// Memory and load time sit under the model id, so the table fits a narrow sidebar.
-const COLUMNS = ['model', 'state', 'idle unload', ''];
+/** JupyterLab's own button classes (from @jupyterlab/ui-components), so both themes style them. */
+const BUTTON_CLASSES = ['jp-Button', 'jp-mod-styled', 'jp-mod-small'];
+
+/** The id with break opportunities after its separators, so a narrow panel never splits a word. */
+function breakableId(id: string): Node[] {
+  const parts = id.split(/(?<=[:/_.-])/).map(part => document.createTextNode(part));
+  return parts.flatMap((part, i) => (i === 0 ? [part] : [document.createElement('wbr'), part]));
+}
+
+function element<K extends keyof HTMLElementTagNameMap>(tag: K, className: string, text = ''): HTMLElementTagNameMap[K] {
+  const node = document.createElement(tag);
+  node.className = className;
+  node.textContent = text;
+  return node;
+}
 
 /**
- * Keeps one table row per model and updates its cells in place, so a tick every second
- * never replaces a button under the pointer or resets the model chooser.
+ * Keeps one entry per model and updates it in place, so a tick every second never
+ * replaces a button under the pointer or resets the model chooser.
  */
 export class DashboardView {
   readonly node: HTMLDivElement;
+  /** The model chooser: the panel wraps it in JupyterLab's styled select. */
+  readonly select: HTMLSelectElement;
   private readonly rows = new Map<string, Row>();
-  private readonly tbody: HTMLTableSectionElement;
+  private readonly list: HTMLDivElement;
   private readonly empty: HTMLDivElement;
-  private readonly select: HTMLSelectElement;
   private readonly loadButton: HTMLButtonElement;
   private readonly errorLine: HTMLDivElement;
   private availableKey = '';
 
   constructor(private readonly actions: DashboardActions) {
-    this.node = document.createElement('div');
-    this.node.className = 'mlx-dashboard';
+    this.node = element('div', 'mlx-dashboard');
+    this.list = element('div', 'mlx-models');
+    this.empty = element('div', 'mlx-empty', 'No model loaded.');
 
-    const table = document.createElement('table');
-    table.className = 'mlx-models';
-    const head = table.createTHead().insertRow();
-    for (const title of COLUMNS) {
-      const th = document.createElement('th');
-      th.textContent = title;
-      head.appendChild(th);
-    }
-    this.tbody = table.createTBody();
-    this.empty = document.createElement('div');
-    this.empty.className = 'mlx-empty';
-    this.empty.textContent = 'No model loaded.';
-
-    const controls = document.createElement('div');
-    controls.className = 'mlx-load';
-    this.select = document.createElement('select');
-    this.select.className = 'mlx-load-select';
+    const controls = element('div', 'mlx-load');
+    this.select = element('select', 'mlx-load-select jp-mod-styled');
     this.select.title = 'A model to load';
-    this.loadButton = document.createElement('button');
-    this.loadButton.className = 'mlx-load-button';
-    this.loadButton.textContent = 'Load';
+    this.loadButton = element('button', 'mlx-load-button jp-mod-accept', 'Load');
+    this.loadButton.classList.add(...BUTTON_CLASSES);
     this.loadButton.addEventListener('click', () => {
       if (this.select.value) {
         this.actions.load(this.select.value);
@@ -89,10 +92,8 @@ export class DashboardView {
     });
     controls.append(this.select, this.loadButton);
 
-    this.errorLine = document.createElement('div');
-    this.errorLine.className = 'mlx-error';
-
-    this.node.append(table, this.empty, controls, this.errorLine);
+    this.errorLine = element('div', 'mlx-error');
+    this.node.append(this.list, this.empty, controls, this.errorLine);
   }
 
   /** Show `data` as of `localNow` (epoch seconds of the local clock). */
@@ -102,27 +103,44 @@ export class DashboardView {
     for (const model of data.state.models) {
       seen.add(model.id);
       const row = this.rows.get(model.id) ?? this.addRow(model.id);
-      row.tr.dataset.state = stateKind(model);
+      const kind = stateKind(model);
+      row.node.dataset.state = kind;
       row.state.textContent = stateLabel(model);
-      row.memory.textContent = formatBytes(model.memory_bytes);
-      row.since.textContent = model.loaded_at === null ? '' : `loaded ${formatAge(now - model.loaded_at)} ago`;
-      row.since.title = model.loaded_at === null ? '' : new Date(model.loaded_at * 1000).toLocaleString();
-      row.countdown.textContent = countdownText(model, now);
-      const busy = data.pending[model.id] === 'unload' || stateKind(model) === 'unloading';
-      row.button.disabled = busy;
-      row.button.textContent = busy ? 'Unloading…' : 'Unload';
+      if (kind === 'loading') {
+        row.loadingSince ??= now;
+        row.countdown.textContent = loadingText(now - row.loadingSince);
+      } else {
+        row.loadingSince = null;
+        row.countdown.textContent = countdownText(model, now);
+      }
+      row.countdown.hidden = !row.countdown.textContent;
+      const details = [
+        model.memory_bytes > 0 ? formatBytes(model.memory_bytes) : '',
+        model.loaded_at === null ? '' : `loaded ${formatAge(now - model.loaded_at)} ago`
+      ].filter(Boolean);
+      row.details.textContent = details.join(' · ');
+      row.details.hidden = details.length === 0;
+      row.details.title = model.loaded_at === null ? '' : new Date(model.loaded_at * 1000).toLocaleString();
+      const unloading = data.pending[model.id] === 'unload' || kind === 'unloading';
+      row.button.disabled = unloading || kind === 'loading' || !data.reachable;
+      row.button.textContent = unloading ? 'Unloading…' : 'Unload';
+      row.button.title =
+        kind === 'loading'
+          ? `${model.id} is loading: unload it once it is ready`
+          : `Unload ${model.id} once its requests finish`;
     }
     for (const [id, row] of this.rows) {
       if (!seen.has(id)) {
-        row.tr.remove();
+        row.node.remove();
         this.rows.delete(id);
       }
     }
-    // Rows stay in id order (the state is sorted).
+    // Entries stay in id order (the state is sorted).
     for (const model of data.state.models) {
-      this.tbody.appendChild(this.rows.get(model.id)!.tr);
+      this.list.appendChild(this.rows.get(model.id)!.node);
     }
     this.empty.hidden = data.state.models.length > 0;
+    this.empty.textContent = data.reachable ? 'No model loaded.' : 'The MLX server does not answer.';
 
     const key = data.available.map(m => m.id).join('\n');
     if (key !== this.availableKey) {
@@ -141,37 +159,31 @@ export class DashboardView {
       }
     }
     const loading = data.pending[this.select.value] === 'load';
-    this.loadButton.disabled = !this.select.value || loading;
+    this.loadButton.disabled = !this.select.value || loading || !data.reachable;
     this.loadButton.textContent = loading ? 'Loading…' : 'Load';
+    this.loadButton.title = data.reachable ? 'Load the chosen model' : 'The MLX server does not answer';
     this.errorLine.textContent = data.error;
     this.errorLine.hidden = !data.error;
   }
 
   private addRow(id: string): Row {
-    const tr = this.tbody.insertRow();
-    tr.className = 'mlx-model';
-    tr.dataset.model = id;
-    const [model, state, countdown, action] = COLUMNS.map(() => tr.insertCell());
-    const span = (className: string, text = '') => {
-      const node = document.createElement('span');
-      node.className = className;
-      node.textContent = text;
-      return node;
-    };
-    const details = span('mlx-model-details');
-    const memory = span('mlx-model-memory');
-    const since = span('mlx-model-since');
-    details.append(memory, ' · ', since);
-    model.append(span('mlx-model-id', id), details);
-    state.className = 'mlx-model-state';
-    countdown.className = 'mlx-model-countdown';
-    const button = document.createElement('button');
-    button.className = 'mlx-unload-button';
-    button.textContent = 'Unload';
-    button.title = `Unload ${id} once its requests finish`;
+    const node = element('div', 'mlx-model');
+    node.dataset.model = id;
+    const head = element('div', 'mlx-model-head');
+    const name = element('span', 'mlx-model-id');
+    name.append(...breakableId(id));
+    name.title = id;
+    const button = element('button', 'mlx-unload-button jp-mod-reject', 'Unload');
+    button.classList.add(...BUTTON_CLASSES);
     button.addEventListener('click', () => this.actions.unload(id));
-    action.appendChild(button);
-    const row = { tr, state, memory, since, countdown, button };
+    head.append(name, button);
+    const status = element('div', 'mlx-model-status');
+    const state = element('span', 'mlx-model-state');
+    const countdown = element('span', 'mlx-model-countdown');
+    status.append(state, countdown);
+    const details = element('div', 'mlx-model-details');
+    node.append(head, status, details);
+    const row = { node, state, countdown, details, button, loadingSince: null };
     this.rows.set(id, row);
     return row;
   }

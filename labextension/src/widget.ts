@@ -51,7 +51,8 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
         state,
         available: model.get('available') as AvailableModel[],
         error: model.get('error') as string,
-        pending: model.get('pending') as Pending
+        pending: model.get('pending') as Pending,
+        reachable: model.get('reachable') !== false
       },
       localNow()
     );
@@ -79,6 +80,7 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
   model.on('change:available', draw);
   model.on('change:error', draw);
   model.on('change:pending', draw);
+  model.on('change:reachable', draw);
   model.on('msg:custom', onMessage);
   const timer = window.setInterval(tick, 1000);
   draw();
@@ -89,6 +91,7 @@ function render({ model, el }: { model: WidgetModel; el: HTMLElement }): () => v
     model.off('change:available', draw);
     model.off('change:error', draw);
     model.off('change:pending', draw);
+    model.off('change:reachable', draw);
     model.off('msg:custom', onMessage);
   };
 }

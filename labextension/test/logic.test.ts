@@ -11,6 +11,7 @@ import {
   formatBytes,
   formatDuration,
   fromSnapshot,
+  loadingText,
   nextUnload,
   stateKind,
   stateLabel,
@@ -82,9 +83,13 @@ describe('state mapping', () => {
   it('counts down to expires_at only while idle', () => {
     expect(countdownText(status('a'), 1001)).toBe('unloads in 4:59');
     expect(countdownText(status('a'), 1300.5)).toBe('unloading now');
-    expect(countdownText(status('a', { active_requests: 1, expires_at: null }), 1001)).toBe('busy');
+    expect(countdownText(status('a', { active_requests: 1, expires_at: null }), 1001)).toBe('');
     expect(countdownText(status('a', { keep_alive_s: -1, expires_at: null }), 1001)).toBe('kept loaded');
-    expect(countdownText(status('a', { state: 'starting', expires_at: null }), 1001)).toBe('loading');
+    expect(countdownText(status('a', { state: 'starting', expires_at: null }), 1001)).toBe('');
+  });
+  it('writes the elapsed time of a load in whole seconds', () => {
+    expect(loadingText(7.9)).toBe('0:07 so far');
+    expect(loadingText(-1)).toBe('0:00 so far');
   });
 });
 
@@ -112,7 +117,7 @@ describe('events', () => {
     // The server is 30 s ahead: at local 1000 it is 1030 there, so 270 s remain.
     const state = applyEvent(EMPTY_STATE, event('ready', status('a'), 1030), 1000);
     expect(nextUnload(state, 1000)).toBe(270);
-    expect(statusBarText(state, 1000)).toBe('MLX: 1 loaded · next unload 4:30');
+    expect(statusBarText(state, 1000)).toBe('MLX: 1 idle · next unload 4:30');
   });
 });
 
@@ -122,12 +127,27 @@ describe('statusBarText', () => {
       { server_time: 1000, models: [status('a', { expires_at: 1252 }), status('b', { expires_at: 1400 })] },
       1000
     );
-    expect(statusBarText(state, 1000)).toBe('MLX: 2 loaded · next unload 4:12');
+    expect(statusBarText(state, 1000)).toBe('MLX: 2 idle · next unload 4:12');
+  });
+  it('counts the models by state, busy first', () => {
+    const models = [
+      status('a', { expires_at: 1252 }),
+      status('b', { active_requests: 1, expires_at: null }),
+      status('c', { state: 'starting', expires_at: null }),
+      status('d', { active_requests: 2, expires_at: null })
+    ];
+    const state = fromSnapshot({ server_time: 1000, models }, 1000);
+    expect(statusBarText(state, 1000)).toBe('MLX: 2 busy, 1 loading, 1 idle · next unload 4:12');
   });
   it('leaves out the unload when every model is busy or kept', () => {
     const state = fromSnapshot({ server_time: 1000, models: [status('a', { active_requests: 1, expires_at: null })] }, 1000);
-    expect(statusBarText(state, 1000)).toBe('MLX: 1 loaded');
+    expect(statusBarText(state, 1000)).toBe('MLX: 1 busy');
     expect(statusBarText(EMPTY_STATE, 1000)).toBe('MLX: no model loaded');
+  });
+  it('says when the server does not answer, whatever it last said', () => {
+    const state = fromSnapshot({ server_time: 1000, models: [status('a')] }, 1000);
+    expect(statusBarText(state, 1000, false)).toBe('MLX: server unreachable');
+    expect(statusBarText(EMPTY_STATE, 1000, false)).toBe('MLX: server unreachable');
   });
 });
 

@@ -13,6 +13,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.display import DisplayHandle, display
 
 from mlx_jupyter.kernel.client import MLXClient
+from mlx_jupyter.kernel.labels import countdown_text, state_label
 from mlx_jupyter.kernel.logprobs_view import logprobs_bundle, logprobs_html, logprobs_table
 
 FORMATS = ("markdown", "text", "code", "json", "html")
@@ -204,29 +205,16 @@ def megabytes(n: int | None) -> str:
     return f"{(n or 0) / 1e6:.1f} MB"
 
 
-def idle_column(status: dict[str, Any], now: float) -> str:
-    if status.get("active_requests"):
-        return f"busy ({status['active_requests']} running)"
-    if status.get("expires_at"):
-        return f"unloads in {_duration(max(0.0, status['expires_at'] - now))}"
-    return "kept loaded" if status.get("state") == "ready" else status.get("state", "")
-
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
 def loaded_table(models: dict[str, Any]) -> str:
     now = models.get("server_time") or time.time()
     rows = [
-        [m["id"], m["state"], str(m.get("pid") or "-"), megabytes(m.get("memory_bytes")), idle_column(m, now)]
+        [
+            m["id"],
+            state_label(m),
+            str(m.get("pid") or "-"),
+            megabytes(m["memory_bytes"]) if m.get("memory_bytes") else "-",  # none yet while loading
+            countdown_text(m, now),
+        ]
         for m in models.get("models", [])
     ]
     if not rows:

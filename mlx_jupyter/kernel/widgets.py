@@ -14,7 +14,8 @@ import traitlets
 from IPython.display import display
 
 from mlx_jupyter.kernel.client import ClientError, MLXClient, get_client
-from mlx_jupyter.kernel.render import idle_column, loaded_table, megabytes
+from mlx_jupyter.kernel.labels import countdown_text, state_label
+from mlx_jupyter.kernel.render import loaded_table, megabytes
 
 # Built from labextension/src/widget.ts with the same table code as the JupyterLab panel.
 STATIC = Path(__file__).parent / "static"
@@ -53,6 +54,7 @@ class ModelDashboard(anywidget.AnyWidget):
     available = traitlets.List().tag(sync=True)
     pending = traitlets.Dict().tag(sync=True)  # model id -> "load" | "unload"
     error = traitlets.Unicode("").tag(sync=True)
+    reachable = traitlets.Bool(True).tag(sync=True)  # False while the host does not answer: no Load then
 
     def __init__(self, client: MLXClient | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -80,7 +82,9 @@ class ModelDashboard(anywidget.AnyWidget):
                 self.available = self._client.available()
         except ClientError as exc:
             fetch_error = str(exc)
+            self.reachable = False
         else:
+            self.reachable = True
             if models["models"] != self.snapshot["models"]:
                 self.snapshot = models
             self.send({"type": "clock", "server_time": models["server_time"]})
@@ -136,7 +140,7 @@ class ModelDashboard(anywidget.AnyWidget):
         rows = "".join(
             "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>"
             for row in (
-                [m["id"], m["state"], megabytes(m.get("memory_bytes")), idle_column(m, now)]
+                [m["id"], state_label(m), megabytes(m.get("memory_bytes")), countdown_text(m, now)]
                 for m in self.snapshot["models"]
             )
         )
