@@ -13,6 +13,8 @@ import threading
 
 import pytest
 from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+from markdown_it import MarkdownIt
 from traitlets import TraitError
 
 from mlx_jupyter.engine.models import DEFAULT_MODEL
@@ -20,7 +22,7 @@ from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import interpolate
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
 from mlx_jupyter.kernel.magics import MLXMagics
-from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
+from mlx_jupyter.kernel.render import LiveAnswer, MLXResult, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
 from tests.models import LONG, TINY, TINY_A, TINY_B
@@ -122,6 +124,30 @@ def test_formats_map_to_mime_types():
     assert bundle("text", "*x*") == {"text/plain": "*x*"}
     assert bundle("markdown", "*x*")["text/markdown"] == "*x*"
     assert bundle("code", "Here:\n```python\nprint(1)\n```\nDone")["text/markdown"] == "```python\nprint(1)\n```"
+
+
+def test_markdown_keeps_python_identifiers_outside_code_intact():
+    text = (
+        "Override __init__ and accept *args, **kwargs; object.__init__() runs first.\n\n"
+        "**Note:** use *emphasis* and `__all__`.\n\n"
+        "```python\ndef f(*args, **kwargs):\n    return __name__\n```"
+    )
+    bundle = final_bundle(MLXResult(text=text, model=TINY, finish_reason="stop", format="markdown", value=text))
+    html = MarkdownIt("commonmark").render(bundle["text/markdown"])
+
+    for name in ("__init__", "*args", "**kwargs", "object.__init__()", "__all__"):
+        assert f"<code>{name}</code>" in html, html
+    assert "<strong>init</strong>" not in html
+    # The answer's own emphasis and its code block stay as written.
+    assert "<strong>Note:</strong>" in html and "<em>emphasis</em>" in html
+    assert "def f(*args, **kwargs):\n    return __name__" in html
+    assert bundle["text/plain"] == text
+
+
+def test_the_streamed_markdown_keeps_identifiers_intact_too(shell):
+    with capture_output() as captured:
+        LiveAnswer("markdown", True, 0).update("see __init__ and **kwargs")
+    assert captured.outputs[0].data["text/markdown"] == "see `__init__` and `**kwargs`"
 
 
 def test_chat_keeps_the_conversation_until_reset(shell):

@@ -13,6 +13,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.display import DisplayHandle, display
 
 from mlx_jupyter.kernel.client import MLXClient
+from mlx_jupyter.kernel.markdown import protect_identifiers
 
 FORMATS = ("markdown", "text", "code", "json", "html")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:\n```|\Z)", re.DOTALL)
@@ -79,7 +80,7 @@ class MLXResult:
         return self.text
 
     def _repr_markdown_(self) -> str:
-        return self.text
+        return protect_identifiers(self.text)
 
 
 def extract_code(text: str) -> tuple[str, str]:
@@ -128,7 +129,7 @@ class LiveAnswer:
         self.last_update = now
         bundle = {"text/plain": text}
         if self.fmt == "markdown":
-            bundle["text/markdown"] = text
+            bundle["text/markdown"] = protect_identifiers(text)
         if self.handle is None:
             self.handle = display(bundle, raw=True, display_id=True)
         else:
@@ -157,7 +158,7 @@ class LiveAnswer:
 def final_bundle(result: MLXResult) -> dict[str, Any]:
     text = result.text
     if result.format == "markdown":
-        return {"text/markdown": text, "text/plain": text}
+        return {"text/markdown": protect_identifiers(text), "text/plain": text}
     if result.format == "html":
         return {"text/html": text, "text/plain": text}
     if result.format == "code":
