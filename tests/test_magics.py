@@ -22,7 +22,7 @@ from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import interpolate
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
 from mlx_jupyter.kernel.magics import MLXMagics
-from mlx_jupyter.kernel.render import LiveAnswer, MLXResult, extract_code, final_bundle
+from mlx_jupyter.kernel.render import LiveAnswer, MLXResult, code_to_insert, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
 from tests.models import LONG, TINY, TINY_A, TINY_B
@@ -99,12 +99,38 @@ def test_interpolate_sends_nested_braces_of_json_and_code_as_written():
     assert interpolate("{{a}} is {a}", ns) == "{a} is 1"
 
 
-def test_code_format_inserts_the_code_as_a_new_cell(shell):
+def test_code_format_does_not_insert_prose_as_a_code_cell(shell):
+    # builtin:tiny's answer is random words: no fenced block, not Python.
     result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 -f code\nHello")
     assert result.success, result.error_in_exec
-    code = shell.user_ns["_mlx"].value
-    assert code and shell.rl_next_input == code
-    assert out.outputs[-2].data["text/markdown"] == f"```\n{code}\n```"
+    answer = shell.user_ns["_mlx"]
+    assert answer.text.strip() and getattr(shell, "rl_next_input", None) is None
+    assert "no code" in out.outputs[-1].data["text/plain"]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("Here:\n```python\nprint(1)\n```\nDone", "print(1)"),
+        ("```bash\nls -l\n```", "ls -l"),
+        ("x = [i * i for i in range(3)]", "x = [i * i for i in range(3)]"),
+        ("The with statement wraps a block.", None),
+        ("", None),
+    ],
+)
+def test_the_code_to_insert_is_a_fenced_block_or_an_answer_that_is_python(text, code):
+    assert code_to_insert(text) == code
+
+
+def test_json_that_falls_back_to_text_shows_the_answer_once_in_a_terminal(shell):
+    stdout = RecordedWrites()
+    with contextlib.redirect_stdout(stdout):
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 12 -f json\nHello")
+    assert result.success, result.error_in_exec
+    answer = shell.user_ns["_mlx"]
+    assert answer.text.strip() and answer.value == answer.text
+    assert stdout.getvalue().count(answer.text) == 1, stdout.getvalue()
+    assert "not valid JSON" in stdout.getvalue()
 
 
 def test_json_format_renders_parsed_json_and_says_when_the_answer_is_not_json(shell):
@@ -191,6 +217,18 @@ def test_bad_options_are_one_usage_error_and_the_kernel_keeps_working(shell, cel
     assert isinstance(result.error_in_exec, UsageError)
     assert message in str(result.error_in_exec)
     assert run(shell, "1 + 1")[0].result == 2
+
+
+@pytest.mark.parametrize("cell", ["%%mlx --help", "%%mlx -h\n", "%%mlx -m x --help\n  \n"])
+def test_help_with_an_empty_cell_body_shows_the_help(shell, cell):
+    result, out = run(shell, cell)
+    assert result.success, result.error_in_exec
+    assert "--max-tokens" in out.stdout and "--system" in out.stdout
+
+
+def test_an_empty_cell_body_without_help_is_still_a_usage_error(shell):
+    result, _ = run(shell, "%%mlx -m x\n")
+    assert isinstance(result.error_in_exec, UsageError) and "empty" in str(result.error_in_exec)
 
 
 def test_help_prints_and_does_not_exit(shell):
@@ -295,21 +333,29 @@ def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):
 
 
 def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell):
+    shell.run_line_magic("config", "MLXMagics.updates_per_second = 0")  # each chunk is shown at once
     client = engine()
     client.load(TINY)
     manager = client.manager
 
-    def interrupt_once_streaming():
-        if wait_for(lambda: manager.status()[0].active_requests == 1, timeout=30):
-            _thread.interrupt_main()
+    with capture_output() as out:
 
-    threading.Thread(target=interrupt_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
+        def interrupt_once_some_text_is_shown():
+            if wait_for(lambda: len(out.outputs) >= 3, timeout=60):
+                _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_once_some_text_is_shown, daemon=True).start()
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
     partial = shell.user_ns["_mlx"]
-    assert partial.finish_reason == "cancelled"
-    assert "interrupted" in out.outputs[-1].data["text/plain"]
+    assert partial.finish_reason == "cancelled" and partial.text
+    # The footer names the model and counts the tokens shown; "interrupted" is said once, no traceback.
+    footer = out.outputs[-1].data["text/plain"]
+    assert footer.startswith(f"{TINY} · {partial.tokens} tokens") and partial.tokens >= 2, footer
+    shown = out.stdout + "".join(o.data.get("text/plain", "") for o in out.outputs)
+    assert shown.count("interrupted") == 1, shown
+    assert "Traceback" not in out.stdout and "File " not in out.stdout, out.stdout
     result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 3\nagain")
     assert result.success and shell.user_ns["_mlx"].tokens == 3
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -91,6 +92,21 @@ def extract_code(text: str) -> tuple[str, str]:
     return match.group(2).strip(), match.group(1)
 
 
+def code_to_insert(text: str) -> str | None:
+    """The code ``-f code`` puts in a new cell: the first fenced block, else the whole answer if it
+    is Python that does something; None for prose (an answer of bare words parses as names)."""
+    if _FENCE.search(text):
+        return extract_code(text)[0] or None
+    code = text.strip()
+    try:
+        statements = ast.parse(code).body
+    except SyntaxError:
+        return None
+    if all(isinstance(s, ast.Expr) and isinstance(s.value, (ast.Name, ast.Constant)) for s in statements):
+        return None
+    return code
+
+
 def parse_json(text: str) -> Any:
     """The JSON value in ``text`` (fences allowed); raises ValueError with the parser's reason."""
     code, _ = extract_code(text)
@@ -141,8 +157,14 @@ class LiveAnswer:
         if self.terminal:
             if self.printed:
                 print()
-            if not self.printed or result.format in ("json", "code"):
-                print(result.value if result.format == "json" else result.text)
+            # What streamed is the answer as text; print again only what differs from it.
+            final = str(result.value or "")
+            if result.format == "json" and result.value is not result.text:  # parsed, not the text fallback
+                final = json.dumps(result.value, indent=2)
+            if not self.printed:
+                print(final if result.format in ("json", "code") else result.text)
+            elif result.format in ("json", "code") and final.strip() != result.text.strip():
+                print(final)
             print(f"[{footer}]")
             return
         bundle = final_bundle(result)
