@@ -93,6 +93,19 @@ def metric(live: LiveServer, sample: str) -> float:
     return 0.0
 
 
+def iopub_outputs(kc, msg_id: str) -> list[dict]:
+    """The outputs a cell sent (display data, streams, errors, each with its msg_type), up to its idle status."""
+    outputs = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return outputs
+        if msg["msg_type"] in ("display_data", "update_display_data", "stream", "error", "execute_result"):
+            outputs.append({"msg_type": msg["msg_type"], **msg["content"]})
+
+
 def generate_requests(live: LiveServer) -> float:
     """``mlx_requests_total`` for successful ``api/generate`` calls."""
     return metric(live, 'mlx_requests_total{endpoint="api/generate",status="200"}')
@@ -188,6 +201,14 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=30)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        # The footer names the server's default model (the cell named none) and says "interrupted"
+        # once; the error is one line, no traceback into the HTTP client.
+        outputs = iopub_outputs(kc, msg_id)
+        footer = [o["data"]["text/plain"] for o in outputs if "text/plain" in o.get("data", {})][-1]
+        assert re.match(rf"{re.escape(TINY)} · \d+ tokens", footer), footer
+        texts = [o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs]
+        assert "".join(texts).count("interrupted") == 1, texts
+        assert [o["traceback"] for o in outputs if o["msg_type"] == "error"] == [["KeyboardInterrupt"]]
         after = kc.execute_interactive("%%mlx --max-tokens 3 -o again\nagain", timeout=60, output_hook=lambda msg: None)
         assert after["content"]["status"] == "ok", after["content"]
         check = kc.execute_interactive(
