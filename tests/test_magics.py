@@ -9,6 +9,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -17,6 +19,7 @@ from IPython.utils.capture import capture_output
 from markdown_it import MarkdownIt
 from traitlets import TraitError
 
+from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import interpolate
@@ -400,3 +403,23 @@ def test_in_a_terminal_the_answer_is_printed_as_it_streams(shell):
     assert "".join(before_footer) == answer.text + "\n"
     assert len(before_footer) > 2, "the answer was printed in one piece, not as it streamed"
     assert f"[{TINY} · 12 tokens" in stdout.getvalue()
+
+
+def test_plain_ipython_answers_and_exits_without_a_crash_message(tmp_path):
+    script = (
+        "%load_ext mlx_jupyter\n"
+        "%config MLXMagics.server = 'local'\n"
+        f"%%mlx -m {TINY} --raw --max-tokens 3\nhello\n\n\n"
+        "exit\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_TOKEN)}
+    env |= {"IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    argv = [sys.executable, "-m", "IPython", "--simple-prompt", "--no-banner", "--HistoryManager.enabled=False"]
+
+    proc = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=300, env=env)
+
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert f"[{TINY} · 3 tokens" in output
+    # The worker stops with the interpreter; nothing reads like a crash.
+    assert not re.search(r"died|SIGKILL|Traceback|Error|Exception", output), output
