@@ -121,6 +121,8 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
         context=recipe.context,
         dtype="float16",
     )
+    # It continues text: %%mlx sends it raw prompts (its chat template only lets chat endpoints accept it).
+    config["completion_model"] = True
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))

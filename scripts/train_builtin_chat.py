@@ -106,7 +106,7 @@ class ChatRecipe(Recipe):
 
     seq_len: int = 256  # a row packs whole examples up to this many tokens
     batch_size: int = 8
-    steps: int = 1200
+    steps: int = 650
     warmup_steps: int = 30
     learning_rate: float = 1e-3
     final_learning_rate: float = 1e-4
@@ -291,6 +291,7 @@ def train(recipe: ChatRecipe, base: Path, out: Path, eval_questions: int) -> dic
     eos = tokenizer.token_to_id(EOS)
     template = jinja2.Template(CHAT_TEMPLATE_EOS_ANSWERS)
     config = json.loads((base / "config.json").read_text())
+    config.pop("completion_model", None)  # builtin:pydoc's mark: this one answers chat messages
     model = Model(ModelArgs.from_dict(config))
     model.load_weights(str(base / "model.safetensors"))
     model.set_dtype(mx.float32)

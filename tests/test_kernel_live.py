@@ -220,7 +220,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
         content = unknown["content"]
         assert content["status"] == "error" and content["ename"] == "UnknownModelError"
         assert len(content["traceback"]) == 1
-        assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
+        assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()
@@ -278,7 +278,7 @@ def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
     assert [m["id"] for m in live.models()] == [TINY_A]
     result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
-    assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in one_line(out)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny, tiny-a, tiny-b" in one_line(out)
 
 
 def test_a_refused_token_is_one_line_that_says_what_to_set(

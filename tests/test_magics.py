@@ -28,7 +28,7 @@ from mlx_jupyter.kernel.magics import MLXMagics
 from mlx_jupyter.kernel.render import LiveAnswer, MLXResult, code_to_insert, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
-from tests.models import LONG, TINY, TINY_A, TINY_B
+from tests.models import LONG, PYDOC, TINY, TINY_A, TINY_B
 
 
 def engine() -> LocalClient:
@@ -179,6 +179,21 @@ def test_the_streamed_markdown_keeps_identifiers_intact_too(shell):
     assert captured.outputs[0].data["text/markdown"] == "see `__init__` and `**kwargs`"
 
 
+def test_a_completion_model_gets_the_cell_as_a_raw_prompt_and_a_chat_model_as_a_message(shell):
+    def prompt_tokens(cell: str) -> int:
+        result, _ = run(shell, cell)
+        assert result.success, result.error_in_exec
+        return shell.user_ns["_mlx"].usage["prompt_tokens"]
+
+    # builtin:pydoc is marked a completion model: the chat template's tokens are not added.
+    assert prompt_tokens(f"%%mlx -m {PYDOC} --max-tokens 1\nThe for statement") == prompt_tokens(
+        f"%%mlx -m {PYDOC} --raw --max-tokens 1\nThe for statement"
+    )
+    assert prompt_tokens(f"%%mlx -m {TINY} --max-tokens 1\nThe for statement") > prompt_tokens(
+        f"%%mlx -m {TINY} --raw --max-tokens 1\nThe for statement"
+    )
+
+
 def test_chat_keeps_the_conversation_until_reset(shell):
     magics = shell.magics_manager.registry["MLXMagics"]
     run(shell, f'%%mlx -m {TINY} --max-tokens 4 --chat --system "Be brief."\nMy name is Ada.')
@@ -271,11 +286,11 @@ def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
     result, out = run(shell, "%%mlx -m no-such-model\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
     assert "unknown model 'no-such-model'" in str(result.error_in_exec)
-    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny" in str(result.error_in_exec)
     assert len(out.stdout.strip().splitlines()) == 1, out.stdout
     assert "Traceback" not in out.stdout
     result, out = run(shell, "%mlx load no-such-model")
-    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny" in str(result.error_in_exec)
     result, out = run(shell, "%mlx unload no-such-model")
     assert str(result.error_in_exec) == "model 'no-such-model' is not loaded; loaded: none"
 

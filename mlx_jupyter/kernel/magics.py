@@ -98,7 +98,8 @@ class MLXMagics(EngineSettings, Magics):
     chat_template = Bool(
         True,
         config=True,
-        help="Send the cell as a chat message (the model's chat template applies); False sends raw text, like --raw.",
+        help="Send the cell as a chat message (the model's chat template applies); False sends raw text, like "
+        "--raw. A model without a chat template, or marked a completion model, always gets raw text.",
     )
     max_history = Int(
         20, min=0, config=True, help="Messages of the --chat conversation sent with each turn (oldest dropped)."
@@ -129,6 +130,7 @@ class MLXMagics(EngineSettings, Magics):
             dlink((self, name), (self.engine_settings, name), transform)
         self.history: list[dict[str, str]] = []
         self.chat_system: str | None = None
+        self._chat_models: dict[str, bool] = {}  # model id -> takes chat messages, as the host listed it
 
     # -- the client ---------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class MLXMagics(EngineSettings, Magics):
     def close(self) -> None:
         """Close the client (a local engine stops its workers); the next call looks again."""
         self._clients.reset()
+        self._chat_models.clear()
 
     def _discover(self) -> MLXClient:
         return discover(Discovery(self.server, self.token, self.request_timeout, self.engine_settings))
@@ -147,6 +150,7 @@ class MLXMagics(EngineSettings, Magics):
     @observe(*DISCOVERY_TRAITS)
     def _discovery_changed(self, change: dict[str, Any]) -> None:
         self._clients.reset()  # the next call looks for its host again
+        self._chat_models.clear()
 
     # -- %mlx -------------------------------------------------------------------------
 
@@ -300,6 +304,14 @@ class MLXMagics(EngineSettings, Magics):
         if args.chat and result.finish_reason != "cancelled":
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
 
+    def _takes_chat(self, model: str | None) -> bool:
+        """Whether ``model`` (None: the host's default) takes chat messages, as the host's list of
+        models says; a model it does not list gets them (the host then says what is wrong)."""
+        model = model or self.client.health()["default_model"]
+        if model not in self._chat_models:
+            self._chat_models.update({m["id"]: bool(m.get("chat", True)) for m in self.client.available()})
+        return self._chat_models.get(model, True)
+
     def _model_of(self, request: dict[str, Any]) -> str:
         """The model a request went to: its own, else the host's default (empty if the host cannot say)."""
         try:
@@ -330,7 +342,7 @@ class MLXMagics(EngineSettings, Magics):
             if history and history[0]["role"] == "assistant":
                 history = history[1:]  # an odd max_history cut a turn; strict chat templates need user first
             request["messages"] = [*system, *history, {"role": "user", "content": text}]
-        elif args.raw or not self.chat_template:
+        elif args.raw or not self.chat_template or not self._takes_chat(request.get("model")):
             request["prompt"] = f"{args.system}\n\n{text}" if args.system else text
         else:
             system = [{"role": "system", "content": args.system}] if args.system else []

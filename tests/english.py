@@ -1,0 +1,38 @@
+"""Whether a model's answer reads as English about Python: the check that tells a trained model from gibberish."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+
+# Short words any sentence of English prose about Python is bound to use.
+FUNCTION_WORDS = {"the", "is", "a", "an", "of", "to", "in", "and", "or", "be", "are", "that", "it", "as", "by", "if"}
+
+
+@cache
+def documentation_words() -> frozenset[str]:
+    """Every word of the CPython documentation that ships with Python (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    return frozenset(w.lower() for text in topics.values() for w in re.findall(r"[A-Za-z]+", text))
+
+
+def english_problems(text: str, min_words: int = 10, known_share: float = 0.9) -> list[str]:
+    """Why ``text`` does not read as English about Python; empty when it does.
+
+    Words must be real words (found in the documentation), varied, and joined by the
+    small words of English sentences. A random-weight model strings subword pieces
+    together and fails all three.
+    """
+    words = [w.lower() for w in re.findall(r"[A-Za-z]+", text)]
+    problems = []
+    if len(words) < min_words:
+        problems.append(f"only {len(words)} words")
+    known = [w for w in words if w in documentation_words()]
+    if len(known) < known_share * len(words):
+        problems.append(f"only {len(known)} of {len(words)} words are words of the documentation")
+    if len(set(words)) < min(6, min_words):
+        problems.append(f"only {len(set(words))} different words")
+    if len(FUNCTION_WORDS.intersection(words)) < 2:
+        problems.append("fewer than two of the small words of English sentences")
+    return problems
