@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
+from typing import Any
 
 # Short words any sentence of English prose about Python is bound to use.
 FUNCTION_WORDS = {"the", "is", "a", "an", "of", "to", "in", "and", "or", "be", "are", "that", "it", "as", "by", "if"}
@@ -36,3 +37,17 @@ def english_problems(text: str, min_words: int = 10, known_share: float = 0.9) -
     if len(FUNCTION_WORDS.intersection(words)) < 2:
         problems.append("fewer than two of the small words of English sentences")
     return problems
+
+
+def notebook_answers(nb: Any) -> list[tuple[str, str]]:
+    """(cell source, answer text) of each ``%%mlx`` cell of an executed notebook that asks in prose
+    (not ``-f code`` or ``-f json``, which ask for something else); the answer is the cell's first
+    output carrying the answer's ``mlx`` metadata (the footer is the second)."""
+    found = []
+    for cell in nb.cells:
+        first_line = cell.source.splitlines()[0] if cell.cell_type == "code" and cell.source else ""
+        if not first_line.startswith("%%mlx") or re.search(r"-f (code|json)", first_line):
+            continue
+        answers = [o for o in cell.get("outputs", []) if "mlx" in o.get("metadata", {})]
+        found.append((cell.source, answers[0]["data"]["text/plain"] if answers else ""))
+    return found

@@ -24,6 +24,7 @@ from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
+from tests.english import english_problems, notebook_answers
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
 from tests.live_server import LiveServer
 from tests.models import LONG, TINY, TINY_A
@@ -236,6 +237,11 @@ def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
         nb = run_notebook("quickstart.ipynb", km)
         output = text_of(nb)
         assert "models served by this kernel (local engine)" in output
+        # The default model answers the quickstart's questions in English, not gibberish.
+        answers = notebook_answers(nb)
+        assert len(answers) >= 6, answers
+        for question, answer in answers:
+            assert english_problems(answer, min_words=6) == [], (question, answer)
         worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+ready\s+(\d+)", output)  # the notebook names no model
         assert worker, output[-2000:]
     finally:
