@@ -119,8 +119,9 @@ class MLXMagics(EngineSettings, Magics):
     request_timeout = Float(600.0, config=True, help="Seconds a server call, or a pause in a stream, may take.")
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
-        # Before the traits take their configured values: their observers reach the cache.
+        # Before the traits take their configured values: their observers reach the caches.
         self._clients = ClientCache(self._discover)
+        self._chat_models: dict[str, bool] = {}  # model id -> takes chat messages, as the host listed it
         super().__init__(shell, **kwargs)
         # A kernel-hosted engine's settings: these traits, followed as they change; only an
         # empty default_model means the engine's own default there.
@@ -130,7 +131,6 @@ class MLXMagics(EngineSettings, Magics):
             dlink((self, name), (self.engine_settings, name), transform)
         self.history: list[dict[str, str]] = []
         self.chat_system: str | None = None
-        self._chat_models: dict[str, bool] = {}  # model id -> takes chat messages, as the host listed it
 
     # -- the client ---------------------------------------------------------------
 
