@@ -241,7 +241,7 @@ def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
         answers = notebook_answers(nb)
         assert len(answers) >= 6, answers
         for question, answer in answers:
-            assert english_problems(answer, min_words=6) == [], (question, answer)
+            assert english_problems(answer, min_words=4, known_share=0.8) == [], (question, answer)
         worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+ready\s+(\d+)", output)  # the notebook names no model
         assert worker, output[-2000:]
     finally:
