@@ -34,6 +34,10 @@ if [ ! -f "$lab_stamp" ] || [ "$(cat "$lab_stamp")" != "$lab_want" ] \
   echo "$lab_want" > "$lab_stamp"
 fi
 
+# The real API clients (openai, LangChain, litellm, jupyter-ai-magics) in a venv of their own:
+# their dependencies conflict with or bloat the project's.
+bash scripts/setup_clients.sh
+
 # The browser test drives Debian's chromium (Playwright downloads no browser of its own).
 if [ ! -x /usr/bin/chromium ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import faulthandler
 import functools
 import os
@@ -13,10 +14,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import openai
 import pytest
 from jupyter_server.serverapp import ServerApp
+from jupyter_server.utils import url_path_join
 from traitlets.config import Config
 
 from mlx_jupyter.engine import locks, protocol
@@ -213,6 +216,23 @@ def extension(jp_serverapp) -> MLXExtension:
 def jp_base_url() -> str:
     """A non-root base_url, so every route is proven to live under it."""
     return "/base/url/"
+
+
+@pytest.fixture
+def openai_call(http_server_client, jp_http_port, jp_base_url, jp_serverapp):
+    """Call the real (blocking) ``openai`` client in a thread, so that the server's loop, which
+    is the test's, keeps serving: ``await openai_call(lambda client: ..., api_key=...)``.
+    (``http_server_client`` starts the HTTP server on ``jp_http_port``.)"""
+
+    async def call(use: Callable[[openai.OpenAI], Any], api_key: str = jp_serverapp.identity_provider.token) -> Any:
+        base_url = f"http://127.0.0.1:{jp_http_port}{url_path_join(jp_base_url, 'mlx/v1')}"
+        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
+        try:
+            return await asyncio.to_thread(use, client)
+        finally:
+            client.close()
+
+    return call
 
 
 @pytest.fixture

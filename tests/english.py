@@ -43,12 +43,13 @@ def english_problems(text: str, min_words: int = 10, known_share: float = 0.9) -
 
 def notebook_answers(nb: Any) -> list[tuple[str, str]]:
     """(cell source, answer text) of each ``%%mlx`` cell of an executed notebook that asks in prose
-    (not ``-f code`` or ``-f json``, which ask for something else); the answer is the cell's first
-    output carrying the answer's ``mlx`` metadata (the footer is the second)."""
+    (not ``-f code`` or ``-f json``, which ask for something else, nor ``--logprobs``, whose text
+    is followed by a table of tokens); the answer is the cell's first output carrying the
+    answer's ``mlx`` metadata (the footer is the second)."""
     found = []
     for cell in nb.cells:
         first_line = cell.source.splitlines()[0] if cell.cell_type == "code" and cell.source else ""
-        if not first_line.startswith("%%mlx") or re.search(r"-f (code|json)", first_line):
+        if not first_line.startswith("%%mlx") or re.search(r"-f (code|json)|--logprobs", first_line):
             continue
         answers = [o for o in cell.get("outputs", []) if "mlx" in o.get("metadata", {})]
         found.append((cell.source, answers[0]["data"]["text/plain"] if answers else ""))

@@ -1,4 +1,5 @@
-"""Test helpers: polling with a deadline, finding this process's children (and workers), running IPython cells."""
+"""Test helpers: polling with a deadline, finding this process's children (and workers), running IPython cells
+and concurrent requests."""
 
 from __future__ import annotations
 
@@ -6,9 +7,14 @@ import _thread
 import asyncio
 import contextlib
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from mlx_jupyter.engine.types import GenerationResult
+from tests.models import TINY
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -145,3 +151,25 @@ def commit_seam():
             return super()._commit_reap(record, now)
 
     return CommitSeam
+
+
+def run_concurrently(manager, requests: list[dict[str, Any]], model: str = TINY) -> list[GenerationResult]:
+    """Each request through ``manager.generate`` on its own thread, all released at once; their results in order."""
+    results: list[Any] = [None] * len(requests)
+    start = threading.Barrier(len(requests))
+
+    def run(i: int) -> None:
+        start.wait(10)
+        try:
+            results[i] = manager.generate(model=model, **requests[i])
+        except Exception as exc:  # reported by the assert below
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "a request did not finish within 60s"
+    assert all(isinstance(r, GenerationResult) for r in results), results
+    return results

@@ -7,6 +7,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlx_jupyter import sse
 from mlx_jupyter.engine.errors import DETAILS
 from mlx_jupyter.engine.manager import WorkerManager
 from tests.helpers import wait_for
@@ -75,3 +76,10 @@ async def scrape(jp_fetch) -> dict[tuple[str, tuple], float]:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def sse_events(body: bytes) -> list[dict]:
+    """The JSON payloads of a Server-Sent Events body made only of unnamed events."""
+    parsed = sse.parse(body)
+    assert all(e.event == "message" for e in parsed), parsed
+    return [e.json() for e in parsed]

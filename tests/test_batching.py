@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 from mlx_jupyter.engine import protocol as p
-from mlx_jupyter.engine.types import GenerationResult
+from tests.helpers import run_concurrently
 from tests.models import LONG, PYDOC, TINY
 from tests.worker_frames import drain, submit
 
@@ -20,33 +20,12 @@ GREEDY = [
 ]
 
 
-def _run_concurrently(manager, requests: list[dict[str, Any]], model: str = TINY) -> list[GenerationResult]:
-    results: list[Any] = [None] * len(requests)
-    start = threading.Barrier(len(requests))
-
-    def run(i: int) -> None:
-        start.wait(10)
-        try:
-            results[i] = manager.generate(model=model, **requests[i])
-        except Exception as exc:  # reported by the assert below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not any(t.is_alive() for t in threads), "a request did not finish within 60s"
-    assert all(isinstance(r, GenerationResult) for r in results), results
-    return results
-
-
 def test_greedy_answers_are_the_same_alone_and_in_a_batch_with_other_requests(make_manager):
     manager = make_manager()
     alone = [manager.generate(model=PYDOC, **request) for request in GREEDY]
     assert len({a.text for a in alone}) == len(GREEDY), "the prompts must have different answers"
     sampled = {"prompt": "Some sampled text", "max_tokens": 50, "temperature": 0.9, "top_p": 0.9}
-    together = _run_concurrently(manager, [*GREEDY, sampled, *GREEDY], model=PYDOC)
+    together = run_concurrently(manager, [*GREEDY, sampled, *GREEDY], model=PYDOC)
     for i, request in enumerate(GREEDY):
         for result in (together[i], together[i + len(GREEDY) + 1]):
             assert (result.text, result.finish_reason, result.usage) == (
@@ -64,7 +43,7 @@ def test_a_seeded_sampled_request_runs_alone_and_reproduces_its_seed_among_batch
     alone = manager.generate(model=TINY, **seeded)
     assert len(set(alone.text)) > 3, "a sampled answer should not be one repeated character"
     others = [{"prompt": f"other {i}", "max_tokens": 30 + 10 * i, "temperature": 1.0} for i in range(3)]
-    together = _run_concurrently(manager, [*others, seeded, *others])
+    together = run_concurrently(manager, [*others, seeded, *others])
     assert together[3].text == alone.text
 
 
@@ -74,7 +53,7 @@ def test_a_request_joins_a_running_batch_instead_of_waiting_for_it(make_manager)
     long = manager.stream_generate("x", model=TINY, max_tokens=LONG)
     next(long)
     try:
-        (short,) = _run_concurrently(manager, [{"prompt": "Hello", "max_tokens": 20}])
+        (short,) = run_concurrently(manager, [{"prompt": "Hello", "max_tokens": 20}])
         assert short.finish_reason == "length" and short.usage["completion_tokens"] == 20
         assert manager.status()[0].active_requests == 1, "the long request should still be running"
     finally:

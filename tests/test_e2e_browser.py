@@ -215,13 +215,22 @@ def test_quickstart_notebook_streams_mlx_output(page, lab):
     root = Path(lab.env["JUPYTER_CONFIG_DIR"]).parent
     shutil.copy(ROOT / "notebooks" / "quickstart.ipynb", root / "quickstart.ipynb")
     open_and_run(page, lab, "quickstart.ipynb")
-    # The answer, then its footer: the model that wrote it and the token count.
+    # The answer, then its footer: the model that wrote it and the token count. Read as text content:
+    # once run-all has scrolled on, JupyterLab may not render a cell, and an unrendered one has no inner text.
     outputs = outputs_of(page, "%%mlx -f text")
-    assert wait_for(lambda: "tokens" in outputs.inner_text(), timeout=60)
+    assert wait_for(lambda: "tokens" in outputs.text_content(), timeout=60)
     answer, footer = outputs.locator(".jp-OutputArea-output").all()
     # builtin:tiny has random weights: its answer may be only blank lines, so count characters.
     assert answer.text_content(), "no answer"
-    assert footer.inner_text().startswith("builtin:tiny · 24 tokens"), footer.inner_text()
+    assert footer.text_content().startswith("builtin:tiny · 24 tokens"), footer.text_content()
+    # The --logprobs view as JupyterLab renders it: one shaded span per token, each with its tooltip.
+    view = outputs_of(page, "%%mlx --logprobs 3")
+    assert wait_for(lambda: "tokens" in view.text_content(), timeout=60)
+    tokens = int(re.search(r"· (\d+) tokens", view.text_content())[1])
+    spans = view.locator("span.mlx-logprob-token")
+    assert wait_for(lambda: spans.count() == tokens, timeout=30), f"{spans.count()} spans for {tokens} tokens"
+    first = spans.first
+    assert "background-color" in first.get_attribute("style") and "top 3:" in first.get_attribute("title")
     last = outputs_of(page, "%mlx list")  # every cell ran, none failed
     assert TINY in last.inner_text()
     assert page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").count() == 0

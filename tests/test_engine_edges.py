@@ -19,8 +19,8 @@ from mlx_jupyter.engine.errors import (
     UnloadPendingError,
     WorkerTimeoutError,
 )
+from mlx_jupyter.engine.field_checks import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from mlx_jupyter.engine.lifecycle import spawn_worker
-from mlx_jupyter.engine.request import MAX_STOP_CHARS, MAX_STOP_STRINGS
 from mlx_jupyter.server.streaming import ChunkBridge
 from tests.helpers import SpawnSpy, commit_seam, pid_alive, wait_for
 from tests.models import LONG, TINY, TINY_A, TINY_B

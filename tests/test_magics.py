@@ -304,6 +304,18 @@ def test_bad_sampling_values_are_one_line_errors(shell):
     assert len(out.stdout.strip().splitlines()) == 1
 
 
+def test_penalty_and_sampling_options_reach_the_worker(shell):
+    def answer(options: str) -> str:
+        result, _ = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 16 -f text {options}\nThe Zen of Python")
+        assert result.success, result.error_in_exec
+        return shell.user_ns["_mlx"].text
+
+    plain = answer("")
+    for penalty in ("--repetition-penalty 2", "--presence-penalty 2", "--frequency-penalty 2"):
+        assert answer(penalty) != plain, penalty
+    assert answer("--temperature 5 --top-k 1") == plain == answer("--temperature 5 --min-p 1")
+
+
 def test_line_magics_load_list_status_unload(shell):
     result, out = run(shell, "%mlx load --keep-alive 10m")  # no id: the engine's default model
     assert result.success, result.error_in_exec

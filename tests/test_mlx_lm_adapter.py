@@ -45,7 +45,7 @@ def test_a_release_without_a_name_the_worker_uses_is_refused_naming_it(monkeypat
 
 
 def test_a_release_whose_function_lost_a_keyword_is_refused_naming_both(monkeypatch):
-    def make_sampler(temp: float = 0.0) -> None:  # a stand-in without top_p
+    def make_sampler(temp: float = 0.0, min_p: float = 0.0, top_k: int = 0) -> None:  # a stand-in without top_p
         return None
 
     monkeypatch.setattr("mlx_lm.sample_utils.make_sampler", make_sampler)
@@ -57,6 +57,7 @@ def test_a_release_whose_batch_answers_lack_a_field_is_refused_naming_it(monkeyp
     class Response:  # a stand-in without finish_reason
         uid: int
         token: int
+        logprobs: object
 
     # By object: the package's attribute "generate" is the function, not the module.
     monkeypatch.setattr(importlib.import_module("mlx_lm.generate").GenerationBatch, "Response", Response)

@@ -103,8 +103,9 @@ def test_the_spec_is_a_valid_openapi_3_document():
 def test_every_route_and_method_is_described_and_nothing_else():
     served: dict[str, set[str]] = {}
     for pattern, handler in ROUTES:
-        assert pattern.replace(".", "").replace("/", "").replace("_", "").isalnum(), f"{pattern} is a regex"
-        served[pattern] = {m for m in HTTP_METHODS if getattr(handler, m, None) is not getattr(MLXHandler, m, None)}
+        path = pattern.replace("(.+)", "{id}")  # the one kind of path parameter a route may have
+        assert path.replace(".", "").replace("/", "").replace("_", "").replace("{id}", "").isalnum(), f"{pattern}"
+        served[path] = {m for m in HTTP_METHODS if getattr(handler, m, None) is not getattr(MLXHandler, m, None)}
     described = {path: {m for m in item if m in HTTP_METHODS} for path, item in SPEC["paths"].items()}
     assert described == served
 

@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mlx_jupyter.engine.errors import InvalidRequestError
+from mlx_jupyter.engine.field_checks import ROLES, Limits
 from mlx_jupyter.engine.keep_alive import parse_keep_alive
 from mlx_jupyter.engine.protocol import ChannelClosed, encode, read_frame, write_frame
-from mlx_jupyter.engine.request import ROLES, GenerationRequest, Limits
+from mlx_jupyter.engine.request import GenerationRequest
 from tests.models import TINY, TINY_A
 
 # Modest example counts keep the module fast; no per-example deadline, since the machine is shared.

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mlx_jupyter.engine.errors import InvalidRequestError
-from mlx_jupyter.engine.request import GenerationRequest, Limits, field_default, field_specs
+from mlx_jupyter.engine.field_checks import Limits
+from mlx_jupyter.engine.request import GenerationRequest, field_default, field_specs
 from mlx_jupyter.server.openai import engine_fields
 
 

@@ -15,13 +15,23 @@ import pytest
 from jupyter_server.utils import url_path_join
 from tornado import web
 
-from mlx_jupyter import __version__, sse
+from mlx_jupyter import __version__
 from mlx_jupyter.engine.manager import WorkerManager
 from mlx_jupyter.server import handlers, openai
 from mlx_jupyter.server.app import MLXExtension
 from tests.helpers import eventually, pid_alive, wait_for, worker_pids
 from tests.models import BROKEN, LONG, TINY, TINY_A, TINY_B
-from tests.server_calls import VALID, assert_error, assert_still_serves, check_bad_requests, get, ok_json, post, scrape
+from tests.server_calls import (
+    VALID,
+    assert_error,
+    assert_still_serves,
+    check_bad_requests,
+    get,
+    ok_json,
+    post,
+    scrape,
+    sse_events,
+)
 
 METHODS = ("get", "post", "put", "patch", "delete")
 ONE_SLOT = {"max_loaded_models": 1, "queue_timeout": 1}
@@ -36,13 +46,6 @@ def jp_server_config(jp_server_config, request):
     if hasattr(request, "param"):
         jp_server_config.ServerApp.allow_unauthenticated_access = request.param
     return jp_server_config
-
-
-def sse_events(body: bytes) -> list[dict]:
-    """The JSON payloads of a Server-Sent Events body made only of unnamed events."""
-    parsed = sse.parse(body)
-    assert all(e.event == "message" for e in parsed), parsed
-    return [e.json() for e in parsed]
 
 
 @contextlib.asynccontextmanager

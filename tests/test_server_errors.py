@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -42,23 +40,6 @@ def fetch(http_server_client, jp_base_url):
         )
 
     return fetch
-
-
-@pytest.fixture
-def openai_call(http_server_client, jp_http_port, jp_base_url, jp_serverapp):
-    """Call the real (blocking) ``openai`` client in a thread, so that the server's loop, which
-    is the test's, keeps serving: ``await openai_call(lambda client: ..., api_key=...)``.
-    (``http_server_client`` starts the HTTP server on ``jp_http_port``.)"""
-
-    async def call(use: Callable[[openai.OpenAI], Any], api_key: str = jp_serverapp.identity_provider.token) -> Any:
-        base_url = f"http://127.0.0.1:{jp_http_port}{url_path_join(jp_base_url, 'mlx/v1')}"
-        client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=60)
-        try:
-            return await asyncio.to_thread(use, client)
-        finally:
-            client.close()
-
-    return call
 
 
 # -- credentials -------------------------------------------------------------------

@@ -25,7 +25,7 @@ from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.worker import WorkerProcess
 from mlx_jupyter.engine.worker_channel import Commands
 from mlx_jupyter.kernel import client as mlx_client
-from tests.helpers import wait_for
+from tests.helpers import run_concurrently, wait_for
 from tests.models import LONG, PYDOC, TINY
 from tests.worker_frames import drain, submit
 
@@ -110,19 +110,7 @@ def test_more_concurrent_streams_than_the_batch_holds_all_finish_with_their_own_
             real_write(fd, batch)
 
     monkeypatch.setattr(p, "write_all", write_together)
-    results: list[Any] = [None] * len(prompts)
-
-    def run(i: int) -> None:
-        try:
-            results[i] = manager.generate(prompts[i], model=PYDOC, max_tokens=40)
-        except Exception as exc:  # reported by the assert below
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = run_concurrently(manager, [{"prompt": prompt, "max_tokens": 40} for prompt in prompts], model=PYDOC)
     assert len(held) == len(prompts)
     assert [(r.text, r.finish_reason) for r in results] == [(a.text, a.finish_reason) for a in alone], results
     assert [s.pid for s in manager.status()] == [status.pid]

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from mlx_jupyter.engine import protocol as p
-from mlx_jupyter.engine.request import GenerationRequest, Limits
+from mlx_jupyter.engine.field_checks import Limits
+from mlx_jupyter.engine.request import GenerationRequest
 from mlx_jupyter.engine.worker import WorkerProcess
 from tests.models import TINY_CONTEXT
 

@@ -101,15 +101,17 @@ class GenerationStream(Iterator[GenerationChunk]):
 
     def collect(self) -> GenerationResult:
         """The whole answer: every chunk's text and the final chunk's details."""
-        texts, last = [], GenerationChunk("")
+        texts, logprobs, last = [], [], GenerationChunk("")
         for last in self:
             texts.append(last.text)
+            logprobs.extend(last.logprobs or ())
         return GenerationResult(
             model=self.model,
             text="".join(texts),
             finish_reason=last.finish_reason or "length",
             usage=last.usage or {},
             timings=last.timings or {},
+            logprobs=logprobs if self.request.logprobs else None,
         )
 
     def __del__(self) -> None:
@@ -170,9 +172,9 @@ class GenerationStream(Iterator[GenerationChunk]):
             elif kind == p.T_TOKEN:
                 if ttft is None:
                     ttft = time.perf_counter() - start
-                if frame["text"]:
+                if frame["text"] or frame.get("logprobs"):
                     assert_no_locks_held("yield")
-                    yield GenerationChunk(frame["text"])
+                    yield GenerationChunk(frame["text"], logprobs=frame.get("logprobs"))
         held.ended = True
         held.release()
         if kind == p.T_ERROR:

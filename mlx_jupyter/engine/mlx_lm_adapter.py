@@ -34,20 +34,40 @@ USES = (
     Use("mlx.core", "get_active_memory"),
     Use("mlx.core", "get_peak_memory"),
     Use("mlx.core", "random.seed"),
+    Use("mlx.core", "argpartition"),
     Use("mlx_lm", "load", keywords=("return_config",)),
     Use("mlx_lm", "stream_generate", keywords=("max_tokens",)),
     # stream_generate hands its other keywords (the sampler) to generate_step.
-    Use("mlx_lm.generate", "generate_step", keywords=("sampler",)),
-    Use("mlx_lm.generate", "GenerationResponse", attributes=("text", "generation_tokens", "finish_reason")),
+    Use("mlx_lm.generate", "generate_step", keywords=("sampler", "logits_processors")),
+    Use(
+        "mlx_lm.generate",
+        "GenerationResponse",
+        attributes=("text", "token", "logprobs", "generation_tokens", "finish_reason"),
+    ),
     Use("mlx_lm.generate", "BatchGenerator", keywords=("stop_tokens", "completion_batch_size", "prefill_batch_size")),
-    Use("mlx_lm.generate", "BatchGenerator.insert", keywords=("max_tokens", "samplers")),
+    Use("mlx_lm.generate", "BatchGenerator.insert", keywords=("max_tokens", "samplers", "logits_processors")),
     Use("mlx_lm.generate", "BatchGenerator.remove"),
     Use("mlx_lm.generate", "BatchGenerator.next"),
     # Before 0.31 the batch answered with its own Response (and a stop_tokens set of ids).
-    Use("mlx_lm.generate", "GenerationBatch.Response", attributes=("uid", "token", "finish_reason")),
-    Use("mlx_lm.sample_utils", "make_sampler", keywords=("temp", "top_p")),
+    Use("mlx_lm.generate", "GenerationBatch.Response", attributes=("uid", "token", "logprobs", "finish_reason")),
+    Use("mlx_lm.sample_utils", "make_sampler", keywords=("temp", "top_p", "min_p", "top_k")),
+    Use(
+        "mlx_lm.sample_utils",
+        "make_logits_processors",
+        keywords=(
+            "logit_bias",
+            "repetition_penalty",
+            "repetition_context_size",
+            "presence_penalty",
+            "presence_context_size",
+            "frequency_penalty",
+            "frequency_context_size",
+        ),
+    ),
     Use("mlx_lm.models.cache", "make_prompt_cache"),
     Use("mlx_lm.tokenizer_utils", "TokenizerWrapper.detokenizer"),
+    Use("mlx_lm.tokenizer_utils", "BPEStreamingDetokenizer"),
+    Use("mlx_lm.tokenizer_utils", "SPMStreamingDetokenizer"),
     Use("mlx_lm.tokenizer_utils", "StreamingDetokenizer", attributes=("add_token", "finalize", "last_segment")),
 )
 
@@ -165,19 +185,74 @@ def detokenizer(tokenizer: Any) -> Any:
     return tokenizer.detokenizer
 
 
-def sampler(temperature: float, top_p: float) -> Any:
+def sampler(temperature: float, top_p: float, top_k: int, min_p: float) -> Any:
     from mlx_lm.sample_utils import make_sampler
 
-    return make_sampler(temp=temperature, top_p=top_p)
+    return make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+# The penalties' window, as mlx_lm.server sets it; repetition_penalty's is the request's.
+PENALTY_CONTEXT = 20
+
+
+def logits_processors(
+    logit_bias: dict[int, float] | None,
+    repetition_penalty: float,
+    repetition_context_size: int,
+    presence_penalty: float,
+    frequency_penalty: float,
+) -> list[Any]:
+    """The request's processors of the scores before sampling; none for values that change nothing."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(
+        logit_bias=logit_bias or None,
+        repetition_penalty=None if repetition_penalty == 1.0 else repetition_penalty,
+        repetition_context_size=repetition_context_size,
+        presence_penalty=presence_penalty or None,
+        presence_context_size=PENALTY_CONTEXT,
+        frequency_penalty=frequency_penalty or None,
+        frequency_context_size=PENALTY_CONTEXT,
+    )
+
+
+def tokenizer_kind(tokenizer: Any) -> str:
+    """How ``tokenizer``'s pieces spell bytes: ``"bpe"`` (byte-level), ``"spm"`` (sentencepiece) or ``"plain"``."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer
+
+    detokenizer = tokenizer.detokenizer
+    if isinstance(detokenizer, BPEStreamingDetokenizer):
+        return "bpe"
+    return "spm" if isinstance(detokenizer, SPMStreamingDetokenizer) else "plain"
+
+
+def top_logprobs(logprobs: Any, token: int, n: int) -> tuple[float, list[tuple[int, float]]]:
+    """``token``'s log probability in the vector ``logprobs``, and the ``n`` most likely (id, logprob), best first."""
+    import mlx.core as mx
+
+    chosen = logprobs[token].item()
+    if n <= 0:
+        return chosen, []
+    n = min(n, logprobs.shape[-1])
+    ids = mx.argpartition(-logprobs, kth=n - 1)[:n]
+    best = sorted(zip(ids.tolist(), logprobs[ids].tolist(), strict=True), key=lambda pair: -pair[1])
+    return chosen, best
 
 
 # -- decoding -----------------------------------------------------------------------
 
 
 def generate_alone(
-    model: Any, tokenizer: Any, tokens: list[int], max_tokens: int, sampler: Any, seed: int | None
+    model: Any,
+    tokenizer: Any,
+    tokens: list[int],
+    max_tokens: int,
+    sampler: Any,
+    processors: list[Any],
+    seed: int | None,
 ) -> Iterator[Any]:
-    """One request decoded by itself: mlx-lm's responses (``text``, ``generation_tokens``, ``finish_reason``).
+    """One request decoded by itself: mlx-lm's responses (``text``, ``token``, ``logprobs``,
+    ``generation_tokens``, ``finish_reason``).
 
     A ``seed`` seeds MLX's one global random state, which only a request alone may do.
     """
@@ -186,7 +261,9 @@ def generate_alone(
 
     if seed is not None:
         mx.random.seed(seed)
-    return stream_generate(model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler)
+    return stream_generate(
+        model, tokenizer, tokens, max_tokens=max_tokens, sampler=sampler, logits_processors=processors
+    )
 
 
 class Batch:
@@ -208,15 +285,17 @@ class Batch:
             prefill_batch_size=size,
         )
 
-    def add(self, tokens: list[int], max_tokens: int, sampler: Any) -> int:
-        """Queue a row for the next steps; returns its uid."""
-        (uid,) = self._generator.insert([tokens], max_tokens=[max_tokens], samplers=[sampler])
+    def add(self, tokens: list[int], max_tokens: int, sampler: Any, processors: list[Any]) -> int:
+        """Queue a row for the next steps, with its own sampler and score processors; returns its uid."""
+        (uid,) = self._generator.insert(
+            [tokens], max_tokens=[max_tokens], samplers=[sampler], logits_processors=[processors]
+        )
         return uid
 
     def remove(self, uids: list[int]) -> None:
         self._generator.remove(uids)
 
     def step(self) -> list[Any]:
-        """Decode one step: a response (``uid``, ``token``, ``finish_reason``) per row that made a token."""
+        """Decode one step: a response (``uid``, ``token``, ``logprobs``, ``finish_reason``) per row with a token."""
         _, responses = self._generator.next()
         return responses

@@ -2,38 +2,21 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from mlx_jupyter.engine import field_checks as checks
 from mlx_jupyter.engine.errors import InvalidRequestError, PromptTooLargeError
-from mlx_jupyter.engine.keep_alive import parse_keep_alive
+from mlx_jupyter.engine.field_checks import (
+    MAX_LOGIT_BIAS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOP_LOGPROBS,
+    Check,
+    Limits,
+)
 
-ROLES = ("system", "user", "assistant")
-# What one request may cost every other request on its model: the stop strings are
-# matched against the text after every token.
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-
-
-# The largest max_tokens when the host sets no bound of its own: the model's context bounds it.
-MAX_TOKENS_CEILING = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The host's bounds on a request. Args: max_tokens (0 = only the model's context), max_prompt_chars."""
-
-    max_tokens: int = 0
-    max_prompt_chars: int = 1_000_000
-
-    @property
-    def max_tokens_bound(self) -> int:
-        return self.max_tokens or MAX_TOKENS_CEILING
-
-
-Check = Callable[[str, Any, Limits], Any]
 # FieldSpec.openai_default when an OpenAI request gets the field's own default.
 SAME_DEFAULT: Any = object()
 
@@ -62,115 +45,6 @@ class FieldSpec:
     worker: bool = True
 
 
-def _show(value: Any) -> str:
-    """A short repr for an error message (a 5,000-digit integer has no repr at all)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _number(lo: float, hi: float | None = None, *, integer: bool = False) -> Check:
-    def check(name: str, value: Any, limits: Limits) -> Any:
-        top = limits.max_tokens_bound if hi is None else hi
-        kind = int if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise InvalidRequestError(
-                f"{name} must be {'an integer' if integer else 'a number'}, not {_show(value)}", param=name
-            )
-        if not (lo <= value <= top) or (not integer and not math.isfinite(value)):
-            limit = top if value > top else lo
-            shown = value if abs(value) < 2**53 else None  # JSON keeps a number exact only so far
-            raise InvalidRequestError(
-                f"{name} must be between {lo:g} and {top:g}, not {_show(value)}", param=name, limit=limit, value=shown
-            )
-        return value if integer else float(value)
-
-    return check
-
-
-def _model(name: str, value: Any, limits: Limits) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError(f"model must be a non-empty string, not {_show(value)}", param=name)
-    return value
-
-
-def _prompt(name: str, value: Any, limits: Limits) -> str:
-    if not isinstance(value, str) or not value:
-        raise InvalidRequestError("prompt must be a non-empty string", param=name)
-    return value
-
-
-def _messages(name: str, value: Any, limits: Limits) -> list[dict[str, str]]:
-    if not isinstance(value, list) or not value:
-        raise InvalidRequestError("messages must be a non-empty list of {'role', 'content'} objects", param=name)
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            raise InvalidRequestError(f"messages[{i}] must be an object with a string 'content'", param=name)
-        if m.get("role") not in ROLES:
-            raise InvalidRequestError(
-                f"messages[{i}].role {_show(m.get('role'))} is not supported: use one of {', '.join(ROLES)}", param=name
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    return out
-
-
-def _stops(name: str, value: Any, limits: Limits) -> list[str]:
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise InvalidRequestError("stop must be a non-empty string or a list of them", param=name)
-    if len(stops) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(
-            f"stop has {len(stops)} strings; the limit is {MAX_STOP_STRINGS}",
-            param=name,
-            limit=MAX_STOP_STRINGS,
-            value=len(stops),
-        )
-    longest = max((len(s) for s in stops), default=0)
-    if longest > MAX_STOP_CHARS:
-        raise InvalidRequestError(
-            f"a stop string is {longest} characters long; the limit is {MAX_STOP_CHARS}",
-            param=name,
-            limit=MAX_STOP_CHARS,
-            value=longest,
-        )
-    return list(stops)
-
-
-def _flag(name: str, value: Any, limits: Limits) -> bool:
-    if not isinstance(value, bool):
-        raise InvalidRequestError(f"{name} must be true or false, not {_show(value)}", param=name)
-    return value
-
-
-MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
-
-
-def _logit_bias(name: str, value: Any, limits: Limits) -> dict[int, float]:
-    """``{token id: bias}``; ids come as JSON object keys (strings) or integers."""
-    if not isinstance(value, dict):
-        raise InvalidRequestError(f"{name} must be an object of token id -> bias, not {_show(value)}", param=name)
-    if len(value) > MAX_LOGIT_BIAS:
-        raise InvalidRequestError(
-            f"{name} has {len(value)} entries; the limit is {MAX_LOGIT_BIAS}",
-            param=name,
-            limit=MAX_LOGIT_BIAS,
-            value=len(value),
-        )
-    bias = _number(-100.0, 100.0)
-    out = {}
-    for token, weight in value.items():
-        if isinstance(token, bool) or not (isinstance(token, int) or (isinstance(token, str) and token.isdigit())):
-            raise InvalidRequestError(f"{name} keys must be token ids (integers), not {_show(token)}", param=name)
-        out[int(token)] = bias(f"{name}[{token}]", weight, limits)
-    return out
-
-
-def _keep_alive(name: str, value: Any, limits: Limits) -> float | None:
-    return parse_keep_alive(value)
-
-
 def _spec(help: str, schema: dict[str, Any], check: Check, **more: Any) -> dict[str, FieldSpec]:
     return {"spec": FieldSpec(help, schema, check, **more)}
 
@@ -189,7 +63,7 @@ class GenerationRequest:
         metadata=_spec(
             "Model id; absent = the host's default_model. Loaded on demand.",
             {"type": "string", "minLength": 1},
-            _model,
+            checks.model_id,
             openai=("model",),
             option=("-m", "--model"),
             worker=False,
@@ -197,14 +71,16 @@ class GenerationRequest:
     )
     prompt: str | None = field(
         default=None,
-        metadata=_spec("Text to continue, as written (no chat template).", {"type": "string", "minLength": 1}, _prompt),
+        metadata=_spec(
+            "Text to continue, as written (no chat template).", {"type": "string", "minLength": 1}, checks.prompt
+        ),
     )
     messages: list[dict[str, str]] | None = field(
         default=None,
         metadata=_spec(
             "Chat messages ({role, content}), formatted with the model's chat template.",
             {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/Message"}},
-            _messages,
+            checks.messages,
         ),
     )
     max_tokens: int = field(
@@ -212,7 +88,7 @@ class GenerationRequest:
         metadata=_spec(
             "Most tokens to generate; at most the host's max_tokens_limit and the model's context.",
             {"type": "integer", "minimum": 1},
-            _number(1, integer=True),
+            checks.number(1, integer=True),
             openai=("max_completion_tokens", "max_tokens"),
             option=("--max-tokens",),
             metavar="N",
@@ -223,7 +99,7 @@ class GenerationRequest:
         metadata=_spec(
             "Sampling temperature; 0 = greedy.",
             {"type": "number", "minimum": 0, "maximum": 100},
-            _number(0.0, 100.0),
+            checks.number(0.0, 100.0),
             openai=("temperature",),
             openai_default=1.0,
             option=("--temperature",),
@@ -235,7 +111,7 @@ class GenerationRequest:
         metadata=_spec(
             "Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.",
             {"type": "number", "minimum": 0, "maximum": 1},
-            _number(0.0, 1.0),
+            checks.number(0.0, 1.0),
             openai=("top_p",),
             option=("--top-p",),
             metavar="P",
@@ -246,7 +122,7 @@ class GenerationRequest:
         metadata=_spec(
             "Random seed, for reproducible sampling.",
             {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-            _number(0, 2**63 - 1, integer=True),
+            checks.number(0, 2**63 - 1, integer=True),
             openai=("seed",),
             option=("--seed",),
             metavar="S",
@@ -258,7 +134,7 @@ class GenerationRequest:
             f"Stop strings (at most {MAX_STOP_STRINGS}, of {MAX_STOP_CHARS} characters each): "
             "the answer ends before the first one.",
             {"$ref": "#/components/schemas/StopSequences"},
-            _stops,
+            checks.stops,
             openai=("stop",),
             option=("--stop",),
             metavar="STR",
@@ -269,7 +145,7 @@ class GenerationRequest:
         metadata=_spec(
             "Sample from the k most likely tokens only; 0 = all.",
             {"type": "integer", "minimum": 0, "maximum": 1_000_000},
-            _number(0, 1_000_000, integer=True),
+            checks.number(0, 1_000_000, integer=True),
             openai=("top_k",),
             option=("--top-k",),
             metavar="K",
@@ -280,7 +156,7 @@ class GenerationRequest:
         metadata=_spec(
             "Drop tokens less likely than min_p times the most likely one; 0 = off.",
             {"type": "number", "minimum": 0, "maximum": 1},
-            _number(0.0, 1.0),
+            checks.number(0.0, 1.0),
             openai=("min_p",),
             option=("--min-p",),
             metavar="P",
@@ -291,7 +167,7 @@ class GenerationRequest:
         metadata=_spec(
             "Divide the scores of tokens already in the last repetition_context_size tokens by this; 1 = off.",
             {"type": "number", "minimum": 0.01, "maximum": 10},
-            _number(0.01, 10.0),
+            checks.number(0.01, 10.0),
             openai=("repetition_penalty",),
             option=("--repetition-penalty",),
             metavar="R",
@@ -302,7 +178,7 @@ class GenerationRequest:
         metadata=_spec(
             "How many of the last tokens repetition_penalty looks at.",
             {"type": "integer", "minimum": 1, "maximum": 4096},
-            _number(1, 4096, integer=True),
+            checks.number(1, 4096, integer=True),
             openai=("repetition_context_size",),
             option=("--repetition-context-size",),
             metavar="N",
@@ -311,9 +187,9 @@ class GenerationRequest:
     presence_penalty: float = field(
         default=0.0,
         metadata=_spec(
-            "Subtract this from the score of every token already generated (OpenAI's); 0 = off.",
+            "Subtract this from the score of every token in the last 20 (OpenAI's presence penalty); 0 = off.",
             {"type": "number", "minimum": -2, "maximum": 2},
-            _number(-2.0, 2.0),
+            checks.number(-2.0, 2.0),
             openai=("presence_penalty",),
             option=("--presence-penalty",),
             metavar="X",
@@ -322,9 +198,9 @@ class GenerationRequest:
     frequency_penalty: float = field(
         default=0.0,
         metadata=_spec(
-            "Subtract this times its count from the score of every token already generated (OpenAI's); 0 = off.",
+            "Subtract this times its count in the last 20 tokens from each token's score (OpenAI's); 0 = off.",
             {"type": "number", "minimum": -2, "maximum": 2},
-            _number(-2.0, 2.0),
+            checks.number(-2.0, 2.0),
             openai=("frequency_penalty",),
             option=("--frequency-penalty",),
             metavar="X",
@@ -335,7 +211,7 @@ class GenerationRequest:
         metadata=_spec(
             f"Token id -> a bias from -100 to 100 added to its score (at most {MAX_LOGIT_BIAS} entries).",
             {"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
-            _logit_bias,
+            checks.logit_bias,
             openai=("logit_bias",),
         ),
     )
@@ -344,17 +220,17 @@ class GenerationRequest:
         metadata=_spec(
             "Return each generated token's log probability.",
             {"type": "boolean"},
-            _flag,
+            checks.flag,
             openai=("logprobs",),
         ),
     )
     top_logprobs: int = field(
         default=0,
         metadata=_spec(
-            "With each token, its N most likely alternatives and their log probabilities (0-20); "
+            f"With each token, its N most likely alternatives and their log probabilities (0-{MAX_TOP_LOGPROBS}); "
             "implies logprobs.",
-            {"type": "integer", "minimum": 0, "maximum": 20},
-            _number(0, 20, integer=True),
+            {"type": "integer", "minimum": 0, "maximum": MAX_TOP_LOGPROBS},
+            checks.number(0, MAX_TOP_LOGPROBS, integer=True),
             openai=("top_logprobs",),
             option=("--logprobs",),
             metavar="N",
@@ -366,7 +242,7 @@ class GenerationRequest:
             "How long the model stays loaded after this request: seconds or a duration such as "
             "'10m'; negative = forever, 0 = unload at once; absent = the host's idle_timeout.",
             {"$ref": "#/components/schemas/KeepAlive"},
-            _keep_alive,
+            checks.keep_alive,
             openai=("keep_alive",),
             option=("--keep-alive",),
             metavar="DUR",

@@ -5,8 +5,8 @@ from __future__ import annotations
 from traitlets import Bool, Float, Int, List, TraitType, Unicode
 from traitlets.config import Configurable
 
+from mlx_jupyter.engine.field_checks import Limits
 from mlx_jupyter.engine.models import DEFAULT_MODEL
-from mlx_jupyter.engine.request import Limits
 
 
 class EngineSettings(Configurable):

@@ -17,18 +17,24 @@ class GenerationChunk:
         usage: on the final chunk, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``.
         timings: on the final chunk, ``load_s``, ``ttft_s``, ``prompt_tps``,
             ``generation_tps``, ``peak_memory_bytes``.
+        logprobs: when the request asked for them, one entry per token this chunk covers:
+            ``{token, bytes, logprob, top_logprobs: [{token, bytes, logprob}, ...]}``. Text may be
+            held back (a stop string, part of a character), so a chunk's entries need not spell its
+            text; over the whole stream they are the answer's tokens in order.
     """
 
     text: str
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     timings: dict[str, Any] | None = None
+    logprobs: list[dict[str, Any]] | None = None
 
     def event(self, model: str) -> dict[str, Any]:
         """This chunk as an event of a native stream (``POST mlx/api/generate``), as the REST API and
-        the kernel's local engine send it: ``{"text"}``, and a last one with the answer's details."""
+        the kernel's local engine send it: ``{"text"}`` (and ``logprobs``), and a last one with the
+        answer's details."""
         if self.finish_reason is None:
-            return {"text": self.text}
+            return {"text": self.text, "logprobs": self.logprobs} if self.logprobs else {"text": self.text}
         return {
             "model": model,
             "text": self.text,
@@ -41,13 +47,15 @@ class GenerationChunk:
 
 @dataclass
 class GenerationResult:
-    """A whole answer. Args: model, text, finish_reason, usage, timings (as on the final chunk)."""
+    """A whole answer. Args: model, text, finish_reason, usage, timings (as on the final chunk),
+    logprobs (every token's entry, as on the chunks; ``None`` when the request asked for none)."""
 
     model: str
     text: str
     finish_reason: str
     usage: dict[str, int] = field(default_factory=dict)
     timings: dict[str, Any] = field(default_factory=dict)
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass

@@ -104,9 +104,10 @@ class Commands:
         self.live.discard(rid)
         self.cancelled.discard(rid)
 
-    def error(self, rid: str, code: str, message: str) -> None:
+    def error(self, rid: str, code: str, message: str, **details: Any) -> None:
+        """End request ``rid`` with an error; ``details`` are the error's data (``param``, ``limit``, ``value``)."""
         self.end(rid)
-        self.out.send({"type": p.T_ERROR, "request_id": rid, "code": code, "message": message})
+        self.out.send({"type": p.T_ERROR, "request_id": rid, "code": code, "message": message, **details})
 
     def drop_stale(self) -> None:
         """Forget cancels that raced their request's end."""

@@ -12,6 +12,8 @@ from mlx_jupyter.engine import mlx_lm_adapter as lm
 from mlx_jupyter.engine import protocol as p
 from mlx_jupyter.engine.load_bound import bounded_memory
 from mlx_jupyter.engine.stop_strings import StopMatcher
+from mlx_jupyter.engine.token_logprobs import entry
+from mlx_jupyter.engine.token_text import TextStream, TokenBytes
 from mlx_jupyter.engine.worker_channel import Commands
 
 log = logging.getLogger("mlx_jupyter.worker")
@@ -20,12 +22,15 @@ log = logging.getLogger("mlx_jupyter.worker")
 class _Stream:
     """One generation the worker has taken on: its text-side state and its clock."""
 
-    def __init__(self, rid: str, tokens: list[int], max_tokens: int, stop: list[str], detokenizer: Any) -> None:
+    def __init__(
+        self, rid: str, tokens: list[int], max_tokens: int, stop: list[str], detokenizer: Any, top_logprobs: int | None
+    ) -> None:
         self.rid = rid
         self.tokens = tokens
         self.max_tokens = max_tokens
         self.stopper = StopMatcher(stop)
         self.detokenizer = detokenizer
+        self.top_logprobs = top_logprobs  # None: the request wants no log probabilities
         self.start = time.perf_counter()
         self.first_at: float | None = None
         self.generated = 0
@@ -59,10 +64,13 @@ class Decoder:
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length: int | None = None
+        self.vocab_size = 0
         self.batch: lm.Batch | None = None  # once a model that supports batching is loaded
         self.waiting: deque[dict[str, Any]] = deque()
         self.running: dict[int, _Stream] = {}  # batch uid -> stream
-        self._samplers: dict[tuple[float, float], Any] = {}
+        self._samplers: dict[tuple[float, float, int, float], Any] = {}
+        self.kind = "plain"  # how the tokenizer spells bytes (see lm.tokenizer_kind)
+        self.spell: TokenBytes | None = None  # token id -> bytes, once a model is loaded
 
     def serve(self) -> None:
         inbox = self.commands.inbox
@@ -114,6 +122,9 @@ class Decoder:
             self.commands.error(rid, "model_load_failed", f"{type(exc).__name__}: {exc}")
             return
         self.context_length = config.get("max_position_embeddings") or None
+        self.vocab_size = int(config.get("vocab_size") or 0)
+        self.kind = lm.tokenizer_kind(self.tokenizer)
+        self.spell = TokenBytes(self.tokenizer.convert_ids_to_tokens, self.kind, self.tokenizer.decode)
         if lm.can_batch(self.model):
             self.batch = lm.Batch(self.model, self.tokenizer, self.batch_size)
         self.out.send(
@@ -166,7 +177,8 @@ class Decoder:
             self._prompt_tokens(msg),
             int(msg["max_tokens"]),
             list(msg.get("stop") or []),
-            lm.detokenizer(self.tokenizer),
+            self._detokenizer(chat=msg.get("messages") is not None),
+            int(msg.get("top_logprobs") or 0) if msg.get("logprobs") else None,
         )
         if not stream.tokens:
             self.commands.error(rid, "invalid_request", "the prompt is empty")
@@ -178,20 +190,48 @@ class Decoder:
                 f"the prompt is {len(stream.tokens)} tokens; this model's context is {self.context_length} tokens",
             )
             return
-        sampler = self._sampler(float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)))
+        outside = sorted(int(t) for t in msg.get("logit_bias") or {} if not 0 <= int(t) < self.vocab_size)
+        if self.vocab_size and outside:
+            self.commands.error(
+                rid,
+                "invalid_request",
+                f"logit_bias names token {outside[0]}, outside this model's vocabulary of {self.vocab_size} tokens",
+                param="logit_bias",
+                limit=self.vocab_size - 1,
+                value=outside[0],
+            )
+            return
+        sampler = self._sampler(msg)
+        processors = lm.logits_processors(
+            {int(t): float(b) for t, b in (msg.get("logit_bias") or {}).items()},
+            float(msg.get("repetition_penalty", 1.0)),
+            int(msg.get("repetition_context_size", 20)),
+            float(msg.get("presence_penalty", 0.0)),
+            float(msg.get("frequency_penalty", 0.0)),
+        )
         if solo:
-            self.generate_alone(stream, sampler, msg.get("seed"))
+            self.generate_alone(stream, sampler, processors, msg.get("seed"))
             return
         assert self.batch is not None
-        self.running[self.batch.add(stream.tokens, stream.max_tokens, sampler)] = stream
+        self.running[self.batch.add(stream.tokens, stream.max_tokens, sampler, processors)] = stream
 
-    def _sampler(self, temperature: float, top_p: float) -> Any:
+    def _sampler(self, msg: dict[str, Any]) -> Any:
+        top_k = int(msg.get("top_k", 0))
+        if self.vocab_size and top_k >= self.vocab_size:  # every token is among the top k: no filter
+            top_k = 0
+        key = (float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), top_k, float(msg.get("min_p", 0.0)))
         # Requests with equal parameters share one sampler object, which lets the batch
         # sample all of them in one call instead of row by row.
-        key = (temperature, top_p)
         if key not in self._samplers:
-            self._samplers[key] = lm.sampler(temperature, top_p)
+            self._samplers[key] = lm.sampler(*key)
         return self._samplers[key]
+
+    def _detokenizer(self, chat: bool) -> Any:
+        """The text of the answer's tokens from their bytes; a chat answer loses its first leading space."""
+        if self.kind == "plain":  # no bytes to spell: mlx-lm's own
+            return lm.detokenizer(self.tokenizer)
+        assert self.spell is not None
+        return TextStream(self.spell, trim_first_space=chat)
 
     def _prompt_tokens(self, msg: dict[str, Any]) -> list[int]:
         if msg.get("messages") is not None:
@@ -224,14 +264,10 @@ class Decoder:
             stream.generated += 1
             if stream.first_at is None:
                 stream.first_at = time.perf_counter()
-            if r.finish_reason != "stop":  # an end-of-sequence token adds no text
-                stream.detokenizer.add_token(r.token)
-            if r.finish_reason is not None:
-                stream.detokenizer.finalize()
-            text, stopped = stream.stopper.feed(stream.detokenizer.last_segment)
+            text, stopped = stream.stopper.feed(self._text(stream, r.token, r.finish_reason))
             # One frame per token even when its text is held back (a partial UTF-8
             # character, a possible stop string): the parent's deadlines count tokens.
-            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
+            self.send_token(stream, text, r.token, r.logprobs)
             if stopped:
                 self.batch.remove([r.uid])
                 self.finish(self.running.pop(r.uid), "stop")
@@ -239,6 +275,23 @@ class Decoder:
                 if tail := stream.stopper.flush():
                     self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
                 self.finish(self.running.pop(r.uid), r.finish_reason)
+
+    @staticmethod
+    def _text(stream: _Stream, token: int, finish_reason: str | None) -> str:
+        """The text ``token`` completes, and with the last token whatever the detokenizer held back."""
+        if finish_reason != "stop":  # an end-of-sequence token adds no text
+            stream.detokenizer.add_token(token)
+        if finish_reason is not None:
+            stream.detokenizer.finalize()
+        return stream.detokenizer.last_segment
+
+    def send_token(self, stream: _Stream, text: str, token: int, logprobs: Any) -> None:
+        frame = {"type": p.T_TOKEN, "request_id": stream.rid, "text": text}
+        if stream.top_logprobs is not None:
+            assert self.spell is not None
+            chosen, alternatives = lm.top_logprobs(logprobs, token, stream.top_logprobs)
+            frame["logprobs"] = [entry(token, chosen, alternatives, self.spell)]
+        self.out.send(frame)
 
     def finish(self, stream: _Stream, reason: str) -> None:
         now = time.perf_counter()
@@ -266,10 +319,16 @@ class Decoder:
 
     # -- one at a time ----------------------------------------------------------
 
-    def generate_alone(self, stream: _Stream, sampler: Any, seed: Any) -> None:
+    def generate_alone(self, stream: _Stream, sampler: Any, processors: list[Any], seed: Any) -> None:
         finish, last = "length", None
         for last in lm.generate_alone(
-            self.model, self.tokenizer, stream.tokens, stream.max_tokens, sampler, None if seed is None else int(seed)
+            self.model,
+            self.tokenizer,
+            stream.tokens,
+            stream.max_tokens,
+            sampler,
+            processors,
+            None if seed is None else int(seed),
         ):
             if stream.rid in self.commands.cancelled:
                 finish = "cancelled"
@@ -277,8 +336,8 @@ class Decoder:
             stream.generated = last.generation_tokens
             if stream.first_at is None:
                 stream.first_at = time.perf_counter()
-            text, stopped = stream.stopper.feed(last.text)
-            self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": text})
+            text, stopped = stream.stopper.feed(self._text(stream, last.token, last.finish_reason))
+            self.send_token(stream, text, last.token, last.logprobs)
             if stopped:
                 finish = "stop"
                 break

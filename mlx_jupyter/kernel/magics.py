@@ -260,7 +260,9 @@ class MLXMagics(EngineSettings, Magics):
         """Send the cell to a model as a prompt and stream the answer into the output.
 
         {name} in the cell is replaced by the variable's value ({{name}} sends {name} as written).
-        The result is kept in _mlx (an MLXResult), and with -o VAR in VAR too.
+        The result is kept in _mlx (an MLXResult), and with -o VAR in VAR too. With --logprobs N
+        the answer is shown token by token, shaded by probability, with the N most likely
+        alternatives on hover, and the result keeps them (_mlx.logprobs).
         """
         args = parse_options(self.mlx_cell, split(line))
         if args is None:
@@ -277,12 +279,17 @@ class MLXMagics(EngineSettings, Magics):
         client = self.client
         live = LiveAnswer(fmt, not args.no_stream, self.updates_per_second)
         pieces: list[str] = []
+        # Text may be held back (stop strings, partial UTF-8) while its tokens' entries are
+        # not: the entries, joined over the stream, are the answer's tokens in order.
+        entries: list[dict[str, Any]] | None = [] if request.get("logprobs") else None
         final: dict[str, Any] = {}
         stream = client.generate(request)  # an unknown model is reported by the first next()
         try:
             with contextlib.closing(stream):
                 for chunk in stream:
                     pieces.append(chunk.get("text") or "")
+                    if entries is not None:
+                        entries += chunk.get("logprobs") or []
                     if chunk.get("finish_reason"):
                         final = chunk
                     else:
@@ -292,7 +299,7 @@ class MLXMagics(EngineSettings, Magics):
             # footer says what was shown (a chunk is a token) and "interrupted"; the cell still
             # fails, so Run All stops, but with one line instead of a traceback into the client.
             shown = {"model": self._model_of(request), "usage": {"completion_tokens": len(pieces)}}
-            self._finish(live, args, request, "".join(pieces), shown, fmt)
+            self._finish(live, args, request, "".join(pieces), shown, fmt, entries)
             raise _quiet_interrupt() from None
         except UnknownModelError as exc:
             raise self._with_model_ids(exc) from None
@@ -300,7 +307,7 @@ class MLXMagics(EngineSettings, Magics):
             if pieces:  # what arrived before the failure stays visible
                 live.update("".join(pieces), force=True)
             raise
-        result = self._finish(live, args, request, "".join(pieces), final, fmt)
+        result = self._finish(live, args, request, "".join(pieces), final, fmt, entries)
         if args.chat and result.finish_reason != "cancelled":
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
 
@@ -332,6 +339,8 @@ class MLXMagics(EngineSettings, Magics):
                 value = getattr(self, CELL_DEFAULTS[name]) or None
             if value is not None:
                 request[name] = value
+        if "top_logprobs" in request:  # --logprobs 0: each token's probability, no alternatives
+            request["logprobs"] = True
         if args.chat and args.raw:
             raise UsageError("%%mlx: --chat and --raw do not go together (a conversation needs the chat template)")
         if args.chat:
@@ -357,6 +366,7 @@ class MLXMagics(EngineSettings, Magics):
         text: str,
         final: dict[str, Any],
         fmt: str,
+        logprobs: list[dict[str, Any]] | None,
         note: str = "",
     ) -> MLXResult:
         prompt = request.get("prompt") or request["messages"][-1]["content"]
@@ -369,6 +379,7 @@ class MLXMagics(EngineSettings, Magics):
             format=fmt,
             value=text,
             prompt=prompt,
+            logprobs=logprobs,
         )
         if fmt == "json":
             try:

@@ -14,6 +14,7 @@ from IPython.core.displaypub import DisplayPublisher
 from IPython.display import DisplayHandle, display
 
 from mlx_jupyter.kernel.client import MLXClient
+from mlx_jupyter.kernel.logprobs_view import logprobs_bundle, logprobs_html, logprobs_table
 from mlx_jupyter.kernel.markdown import protect_identifiers
 
 FORMATS = ("markdown", "text", "code", "json", "html")
@@ -33,6 +34,8 @@ class MLXResult:
         format: the format it was rendered in.
         value: the parsed object for ``json``, the code for ``code``, else the text.
         prompt: the prompt as sent (after interpolation).
+        logprobs: with ``--logprobs N``, one entry per answer token: ``token``, ``bytes``,
+            ``logprob`` and its ``top_logprobs`` (most likely first); None when not asked.
     """
 
     text: str
@@ -43,6 +46,7 @@ class MLXResult:
     format: str = "markdown"
     value: Any = None
     prompt: str = ""
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def tokens(self) -> int:
@@ -82,6 +86,9 @@ class MLXResult:
 
     def _repr_markdown_(self) -> str:
         return protect_identifiers(self.text)
+
+    def _repr_html_(self) -> str | None:
+        return logprobs_html(self.logprobs) if self.logprobs is not None else None
 
 
 def extract_code(text: str) -> tuple[str, str]:
@@ -165,6 +172,8 @@ class LiveAnswer:
                 print(final if result.format in ("json", "code") else result.text)
             elif result.format in ("json", "code") and final.strip() != result.text.strip():
                 print(final)
+            if result.logprobs is not None:
+                print(logprobs_table(result.logprobs))
             print(f"[{footer}]")
             return
         bundle = final_bundle(result)
@@ -179,6 +188,8 @@ class LiveAnswer:
 
 def final_bundle(result: MLXResult) -> dict[str, Any]:
     text = result.text
+    if result.logprobs is not None:  # the token view replaces the format's rendering; value still follows it
+        return logprobs_bundle(text, result.logprobs)
     if result.format == "markdown":
         return {"text/markdown": protect_identifiers(text), "text/plain": text}
     if result.format == "html":

@@ -7,6 +7,9 @@ from typing import Any
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
+from mlx_jupyter.engine.errors import ModelNotFoundError
+from mlx_jupyter.engine.field_checks import MAX_TOP_LOGPROBS
+from mlx_jupyter.engine.models import ModelSpec
 from mlx_jupyter.engine.request import SAME_DEFAULT, field_specs
 from mlx_jupyter.server.base import APIError, MLXHandler
 from mlx_jupyter.server.handlers import without_nulls
@@ -56,6 +59,10 @@ class OpenAIHandler(GenerationHandler):
     def prompt(self, body: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The engine request's fields other than the prompt."""
+        return engine_fields(body)
+
     @web.authenticated
     @authorized
     async def post(self) -> None:
@@ -72,7 +79,7 @@ class OpenAIHandler(GenerationHandler):
         options = body.get("stream_options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "'stream_options' must be an object", "invalid_request", param="stream_options")
-        request = engine_fields(body) | self.prompt(body)
+        request = self.fields(body) | self.prompt(body)
         self.model = request.get("model") or self.manager.default_model
         await self.answer(request, stream, self.wire(self.model, stream, bool(options.get("include_usage"))))
 
@@ -109,6 +116,21 @@ class CompletionsHandler(OpenAIHandler):
             raise APIError(400, message, "invalid_request", param="prompt")
         return {"prompt": prompt}
 
+    def fields(self, body: dict[str, Any]) -> dict[str, Any]:
+        # The legacy API's logprobs is a count: that many alternatives with each token's log probability.
+        count = body.get("logprobs")
+        if count is None or isinstance(count, bool):
+            return engine_fields(body)
+        if not isinstance(count, int) or not 0 <= count <= MAX_TOP_LOGPROBS:
+            message = f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per token)"
+            raise APIError(400, message, "invalid_request", param="logprobs")
+        rest = {key: value for key, value in body.items() if key != "logprobs"}
+        return engine_fields(rest) | {"logprobs": True, "top_logprobs": count}
+
+
+def _model(spec: ModelSpec) -> dict[str, Any]:
+    return {"id": spec.id, "object": "model", "created": 0, "owned_by": spec.source}
+
 
 class ModelsHandler(MLXHandler):
     endpoint = "v1/models"
@@ -119,17 +141,30 @@ class ModelsHandler(MLXHandler):
     async def get(self) -> None:
         """Loadable models, in OpenAI's list shape."""
         specs = await self.call(self.manager.resolver.available, status=True)
-        self.write_json(
-            {
-                "object": "list",
-                "data": [{"id": s.id, "object": "model", "created": 0, "owned_by": s.source} for s in specs],
-            }
-        )
+        self.write_json({"object": "list", "data": [_model(s) for s in specs]})
+
+
+class ModelHandler(MLXHandler):
+    endpoint = "v1/models/{id}"
+    _track_activity = False
+
+    @web.authenticated
+    @authorized
+    async def get(self, model_id: str) -> None:
+        """One loadable model (the openai SDK's ``models.retrieve``); 404 for an id no model has."""
+        specs = await self.call(self.manager.resolver.available, status=True)
+        for spec in specs:
+            if spec.id == model_id:
+                self.write_json(_model(spec))
+                return
+        error = ModelNotFoundError(f"unknown model {model_id!r}: GET mlx/v1/models lists them", model=model_id)
+        raise APIError.from_engine(error)
 
 
 def routes() -> list[tuple[str, type[MLXHandler]]]:
     return [
         (r"/mlx/v1/models", ModelsHandler),
+        (r"/mlx/v1/models/(.+)", ModelHandler),
         (r"/mlx/v1/chat/completions", ChatCompletionsHandler),
         (r"/mlx/v1/completions", CompletionsHandler),
     ]

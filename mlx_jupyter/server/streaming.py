@@ -14,7 +14,7 @@ from mlx_jupyter import sse
 from mlx_jupyter.engine.errors import MLXError
 from mlx_jupyter.engine.generation import GenerationStream
 from mlx_jupyter.engine.locks import assert_no_locks_held
-from mlx_jupyter.engine.types import GenerationChunk
+from mlx_jupyter.engine.types import GenerationChunk, GenerationResult
 from mlx_jupyter.server.base import APIError, MLXHandler
 from mlx_jupyter.server.metrics import TOKENS, TTFT
 from mlx_jupyter.server.wire import Wire
@@ -87,14 +87,15 @@ class GenerationHandler(MLXHandler):
     """
 
     bridge: ChunkBridge | None = None
+    wants_logprobs = False
 
     async def answer(self, request: dict[str, Any], stream: bool, wire: Wire) -> None:
         """Generate ``request`` (``GenerationRequest``'s fields) and write it in ``wire``'s shape."""
         first, rest = await self._start(request)
         if not stream:
-            text, final = await self._collect(first, rest)
-            self._record_usage(final)
-            self.write_json(wire.whole(text, final))
+            answer = await self._collect(first, rest)
+            self._record_usage(answer)
+            self.write_json(wire.whole(answer))
             return
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
@@ -135,6 +136,7 @@ class GenerationHandler(MLXHandler):
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
         self.model = chunks.model
+        self.wants_logprobs = chunks.request.logprobs
         try:
             thread = await self.admit()
         except BaseException:
@@ -147,22 +149,28 @@ class GenerationHandler(MLXHandler):
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
 
-    async def _collect(
-        self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]
-    ) -> tuple[str, GenerationChunk]:
-        """The whole text and the final chunk; an engine error mid-answer keeps its status."""
-        texts, final = [first.text], first
+    async def _collect(self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> GenerationResult:
+        """The whole answer; an engine error mid-answer keeps its status."""
+        texts, logprobs, final = [first.text], list(first.logprobs or ()), first
         try:
             async for chunk in rest:
                 texts.append(chunk.text)
+                logprobs.extend(chunk.logprobs or ())
                 final = chunk
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
         if final.finish_reason is None:  # cancelled: the client left, and nothing is answered
             raise RuntimeError("the answer ended without its final chunk")
-        return "".join(texts), final
+        return GenerationResult(
+            model=self.model,
+            text="".join(texts),
+            finish_reason=final.finish_reason,
+            usage=final.usage or {},
+            timings=final.timings or {},
+            logprobs=logprobs if self.wants_logprobs else None,
+        )
 
-    def _record_usage(self, final: GenerationChunk) -> None:
+    def _record_usage(self, final: GenerationChunk | GenerationResult) -> None:
         model = self.model or self.manager.default_model
         if final.usage:
             TOKENS.labels(model).inc(final.usage.get("completion_tokens", 0))
