@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlx-jupyter-demo", description=__doc__)
     parser.add_argument("--model", default=DEFAULT_MODEL, help="model id (default: %(default)s)")
     parser.add_argument("--model-dir", action="append", default=[], help="a model_dirs folder (repeatable)")
-    parser.add_argument("--prompt", default="The for statement", help="prompt to complete")
+    parser.add_argument(
+        "--prompt",
+        default="What does `itertools.chain` do?",
+        help="a question (a chat message), or text to continue for a model that takes no chat messages",
+    )
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--idle-timeout", type=float, default=5.0, help="seconds before the idle unload")
@@ -45,9 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     with WorkerManager(idle_timeout=args.idle_timeout, model_dirs=args.model_dir) as manager:
         status = manager.load(args.model)
         print(f"loaded {status.id} in worker pid {status.pid} ({status.memory_bytes / 1e6:.1f} MB)")
-        print(f"\n{args.prompt}", end="", flush=True)
+        # A question for a chat model; text to continue for a completion model.
+        chat = manager.resolver.resolve(args.model).chat
+        print(f"\n{args.prompt}", end="\n\n" if chat else "", flush=True)
+        asked = {"messages": [{"role": "user", "content": args.prompt}]} if chat else {"prompt": args.prompt}
         for chunk in manager.stream_generate(
-            args.prompt, model=args.model, max_tokens=args.max_tokens, temperature=args.temperature, seed=0
+            model=args.model, max_tokens=args.max_tokens, temperature=args.temperature, seed=0, **asked
         ):
             print(chunk.text, end="", flush=True)
         t = chunk.timings or {}

@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -38,7 +39,7 @@ from mlx_jupyter.builtin_models.builder import EOS, llama_config, train_bpe_toke
 HELD_OUT_EVERY = 16
 HELD_OUT_FIRST = 7
 SAMPLE_PROMPTS = ["The for statement", "The with statement", "A list is", "An exception is", "The import statement"]
-_BLAS_ENV = "MLX_JUPYTER_TRAIN_BLAS"
+BLAS_ENV = "MLX_JUPYTER_TRAIN_BLAS"
 
 
 @dataclass(frozen=True)
@@ -120,21 +121,14 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
         context=recipe.context,
         dtype="float16",
     )
+    # It continues text: %%mlx sends it raw prompts (its chat template only lets chat endpoints accept it).
+    config["completion_model"] = True
     model = Model(ModelArgs.from_dict(config))
     mx.eval(model.parameters())
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: {n_params} parameters", flush=True)
 
-    schedule = optim.join_schedules(
-        [
-            optim.linear_schedule(0.0, recipe.learning_rate, recipe.warmup_steps),
-            optim.cosine_decay(
-                recipe.learning_rate, max(1, recipe.steps - recipe.warmup_steps), recipe.final_learning_rate
-            ),
-        ],
-        [recipe.warmup_steps],
-    )
-    optimizer = optim.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(recipe)
     loss_and_grad = nn.value_and_grad(model, _loss)
     state = [model.state, optimizer.state]
 
@@ -180,20 +174,40 @@ def train(recipe: Recipe, out: Path) -> dict[str, Any]:
         "parameters": int(n_params),
         "history": history,
         "train_seconds": round(train_s, 1),
-        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, BLAS: {os.environ.get(_BLAS_ENV, 'bundled')}",
+        "hardware": f"{platform.machine()}, {os.cpu_count()} CPUs, BLAS: {os.environ.get(BLAS_ENV, 'bundled')}",
         "load_average": [round(load_at_start, 1), round(os.getloadavg()[0], 1)],
     }
-    _write_folder(out, model, tokenizer, config, info)
+    write_folder(out, model, tokenizer, config, info, _greedy_samples, _model_card)
     print(f"wrote {out} in {time.monotonic() - started:.0f}s", flush=True)
     return info
+
+
+def make_optimizer(recipe: Recipe) -> optim.Optimizer:
+    """AdamW with a linear warm-up to the recipe's learning rate, then cosine decay."""
+    schedule = optim.join_schedules(
+        [
+            optim.linear_schedule(0.0, recipe.learning_rate, recipe.warmup_steps),
+            optim.cosine_decay(
+                recipe.learning_rate, max(1, recipe.steps - recipe.warmup_steps), recipe.final_learning_rate
+            ),
+        ],
+        [recipe.warmup_steps],
+    )
+    return optim.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay)
+
+
+def held_out_topic_names() -> list[str]:
+    """The topics no built-in model trains on: every HELD_OUT_EVERY-th by sorted name."""
+    from pydoc_data.topics import topics
+
+    return [n for k, n in enumerate(sorted(topics)) if k % HELD_OUT_EVERY == HELD_OUT_FIRST]
 
 
 def _split_topics() -> tuple[list[str], list[str], list[str]]:
     from pydoc_data.topics import topics
 
-    names = sorted(topics)
-    held = [n for k, n in enumerate(names) if k % HELD_OUT_EVERY == HELD_OUT_FIRST]
-    train = [n for n in names if n not in held]
+    held = held_out_topic_names()
+    train = [n for n in sorted(topics) if n not in held]
     return [topics[n] for n in train], [topics[n] for n in held], held
 
 
@@ -222,18 +236,31 @@ def _loss(model: nn.Module, x: mx.array, y: mx.array) -> mx.array:
     return nn.losses.cross_entropy(model(x), y, reduction="mean")
 
 
-def _write_folder(out: Path, model: nn.Module, tokenizer: Any, config: dict[str, Any], info: dict[str, Any]) -> None:
-    """Write the model to a fresh folder beside ``out``, sample it through mlx-lm, then swap it in."""
+def write_folder(
+    out: Path,
+    model: nn.Module,
+    tokenizer: Any,
+    config: dict[str, Any],
+    info: dict[str, Any],
+    samples: Callable[[Path], dict[str, Any]],
+    card: Callable[[dict[str, Any], Path], str],
+    chat_template: str | None = None,
+) -> None:
+    """Write the model to a fresh folder beside ``out``, sample it through mlx-lm, then swap it in.
+
+    ``samples`` reads the written folder and its result goes into ``info["samples"]``;
+    ``card`` turns ``info`` into the MODEL_CARD.md text.
+    """
     out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         weights = dict(tree_flatten(tree_map(lambda p: p.astype(mx.float16), model.parameters())))
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        write_model_files(tmp, tokenizer, config)
-        info["samples"] = _greedy_samples(tmp)
+        write_model_files(tmp, tokenizer, config, chat_template)
+        info["samples"] = samples(tmp)
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        (tmp / "MODEL_CARD.md").write_text(_model_card(info, tmp), encoding="utf-8")
+        (tmp / "MODEL_CARD.md").write_text(card(info, tmp), encoding="utf-8")
         tmp.chmod(0o755)
         if out.exists():
             shutil.rmtree(out)
@@ -276,24 +303,24 @@ def _model_card(info: dict[str, Any], folder: Path) -> str:
     )
 
 
-def _use_fast_blas() -> None:
+def use_fast_blas() -> None:
     """Re-run under OpenBLAS on Linux when it is installed.
 
     The Linux ``mlx[cpu]`` wheel bundles the reference BLAS, about 20x slower at
     matrix products than OpenBLAS; preloading OpenBLAS makes mlx's ``cblas_sgemm``
     calls land there, which turns an hour of training into minutes.
     """
-    if sys.platform != "linux" or _BLAS_ENV in os.environ:
+    if sys.platform != "linux" or BLAS_ENV in os.environ:
         return
     found = ctypes.util.find_library("openblas")
     if not found:
         print("OpenBLAS not found (apt-get install libopenblas0-pthread): training will be slow", flush=True)
-        os.environ[_BLAS_ENV] = "bundled"
+        os.environ[BLAS_ENV] = "bundled"
         return
     preload = " ".join(filter(None, [found, os.environ.get("LD_PRELOAD")]))
-    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=preload, **{_BLAS_ENV: found}))
+    os.execve(sys.executable, [sys.executable, *sys.argv], dict(os.environ, LD_PRELOAD=preload, **{BLAS_ENV: found}))
 
 
 if __name__ == "__main__":
-    _use_fast_blas()
+    use_fast_blas()
     main()

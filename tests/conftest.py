@@ -89,7 +89,7 @@ def make_manager():
     made: list[WorkerManager] = []
 
     def make(cls: type[WorkerManager] = WorkerManager, **kwargs) -> WorkerManager:
-        # The built-in default is builtin:pydoc; tests that need no real text use the faster tiny model.
+        # The built-in default is builtin:pydoc-chat; tests that need no real text use the faster tiny model.
         kwargs.setdefault("default_model", TINY)
         kwargs.setdefault("idle_timeout", 0)
         kwargs.setdefault("queue_timeout", 30)

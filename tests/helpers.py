@@ -69,6 +69,13 @@ def pid_alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
+def process_started_at(pid: int) -> float:
+    """The epoch time a process started, to 10 ms, from /proc (ticks since boot, and the uptime now)."""
+    ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    booted_at = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    return booted_at + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def run_cell(shell, cell: str):
     """Run ``cell`` in an IPython shell; returns its ExecutionResult and the captured output."""
     from IPython.utils.capture import capture_output

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 TINY = "builtin:tiny"  # random weights: the fastest real model
 TINY_CONTEXT = 32768  # tokens, prompt and answer together
-PYDOC = "builtin:pydoc"  # trained on Python's documentation: for tests that need real text
+PYDOC = "builtin:pydoc"  # trained on Python's documentation: continues text, for tests that need real text
+PYDOC_CHAT = "builtin:pydoc-chat"  # the default: builtin:pydoc taught to answer questions about Python
 # conftest's ``model_dir`` holds two copies of the tiny model under these ids.
 TINY_A = "tiny-a"
 TINY_B = "tiny-b"

@@ -1,66 +1,25 @@
-"""Tests for the trained built-in model builtin:pydoc, its default role and its training script."""
+"""Tests for the trained built-in model builtin:pydoc (text continuation) and its training script."""
 
 from __future__ import annotations
 
 import json
 import platform
-import re
 import subprocess
 import sys
-from functools import cache
 from pathlib import Path
 
 from mlx_jupyter.builtin_models import PACKAGED_MODELS
 from mlx_jupyter.engine import WorkerManager
-from mlx_jupyter.engine.models import DEFAULT_MODEL
-from mlx_jupyter.server.app import MLXExtension
+from tests.english import english_problems
 from tests.helpers import child_pids, wait_for
 from tests.models import PYDOC, TINY
 
 ROOT = Path(__file__).resolve().parent.parent
-# Short words any sentence of English prose about Python is bound to use.
-FUNCTION_WORDS = {"the", "is", "a", "an", "of", "to", "in", "and", "or", "be", "are", "that", "it", "as", "by", "if"}
 
 
-@cache
-def documentation_words() -> frozenset[str]:
-    """Every word of the text the model was trained on (the CPython documentation)."""
-    from pydoc_data.topics import topics
-
-    return frozenset(w.lower() for text in topics.values() for w in re.findall(r"[A-Za-z]+", text))
-
-
-def english_problems(text: str) -> list[str]:
-    """Why ``text`` does not read as English about Python; empty when it does.
-
-    Words must be real words (found in the documentation), varied, and joined by the
-    small words of English sentences. A random-weight model strings subword pieces
-    together and fails all three.
-    """
-    words = [w.lower() for w in re.findall(r"[A-Za-z]+", text)]
-    problems = []
-    if len(words) < 10:
-        problems.append(f"only {len(words)} words")
-    known = [w for w in words if w in documentation_words()]
-    if len(known) < 0.9 * len(words):
-        problems.append(f"only {len(known)} of {len(words)} words are words of the documentation")
-    if len(set(words)) < 6:
-        problems.append(f"only {len(set(words))} different words")
-    if len(FUNCTION_WORDS.intersection(words)) < 2:
-        problems.append("fewer than two of the small words of English sentences")
-    return problems
-
-
-def test_pydoc_is_the_default_model_of_the_engine_and_the_server() -> None:
-    assert DEFAULT_MODEL == PYDOC
-    with WorkerManager() as manager:
-        assert manager.default_model == DEFAULT_MODEL
-    assert MLXExtension().default_model == DEFAULT_MODEL
-
-
-def test_a_request_naming_no_model_gets_english_about_python_from_builtin_pydoc() -> None:
+def test_builtin_pydoc_continues_text_in_english_about_python() -> None:
     with WorkerManager(idle_timeout=0, queue_timeout=60, first_token_timeout=60) as manager:
-        result = manager.generate("The for statement", max_tokens=40)
+        result = manager.generate("The for statement", model=PYDOC, max_tokens=40)
         statuses = manager.status()
 
     assert [s.id for s in statuses] == [PYDOC]
@@ -90,6 +49,8 @@ def test_the_shipped_model_fits_the_size_budget_and_records_how_it_was_made() ->
     assert f"CPython {info['python']}" in card
     assert "Zero-Clause BSD" in card and "PSF License" in card
     assert info["history"][-1]["held_out_loss"] < info["history"][0]["held_out_loss"]
+    # It continues text: %%mlx sends it raw prompts, not chat messages.
+    assert json.loads((folder / "config.json").read_text())["completion_model"] is True
 
 
 def test_the_training_script_runs_end_to_end_in_quick_mode(tmp_path: Path) -> None:

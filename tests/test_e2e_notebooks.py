@@ -154,10 +154,6 @@ def test_reopened_notebook_shows_the_saved_dashboard_snapshot(page, lab):
     unload_all(lab)
 
 
-# Today the footer reads "0 tokens · interrupted · interrupted" (no model, the tokens shown not
-# counted, "interrupted" twice) and a KeyboardInterrupt traceback follows: helper P's fix of the
-# magics' interrupt (issue 14) makes this pass, and then strict xfail fails until this goes.
-@pytest.mark.xfail(strict=True, reason="the magics' interrupt footer and traceback (issue 14, its Magics part)")
 def test_interrupted_cell_keeps_its_answer_and_shows_no_traceback(page, lab):
     name = write_notebook(
         notebook_root(lab), "interrupt.ipynb", ["%load_ext mlx_jupyter", f"%%mlx -f text --max-tokens {LONG}\nx"]

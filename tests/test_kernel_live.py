@@ -24,6 +24,7 @@ from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.client import AuthError, ClientError, LocalClient, ServerUnreachableError, UnknownModelError
+from tests.english import english_problems, notebook_answers
 from tests.helpers import child_pids, pid_alive, run_cell, wait_for
 from tests.live_server import LiveServer
 from tests.models import LONG, TINY, TINY_A
@@ -91,6 +92,19 @@ def metric(live: LiveServer, sample: str) -> float:
         if name == sample:
             return float(value)
     return 0.0
+
+
+def iopub_outputs(kc, msg_id: str) -> list[dict]:
+    """The outputs a cell sent (display data, streams, errors, each with its msg_type), up to its idle status."""
+    outputs = []
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return outputs
+        if msg["msg_type"] in ("display_data", "update_display_data", "stream", "error", "execute_result"):
+            outputs.append({"msg_type": msg["msg_type"], **msg["content"]})
 
 
 def generate_requests(live: LiveServer) -> float:
@@ -188,6 +202,14 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
         while reply["parent_header"].get("msg_id") != msg_id:
             reply = kc.get_shell_msg(timeout=30)
         assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "KeyboardInterrupt"
+        # The footer names the server's default model (the cell named none) and says "interrupted"
+        # once; the error is one line, no traceback into the HTTP client.
+        outputs = iopub_outputs(kc, msg_id)
+        footer = [o["data"]["text/plain"] for o in outputs if "text/plain" in o.get("data", {})][-1]
+        assert re.match(rf"{re.escape(TINY)} · \d+ tokens", footer), footer
+        texts = [o.get("data", {}).get("text/plain", "") + o.get("text", "") for o in outputs]
+        assert "".join(texts).count("interrupted") == 1, texts
+        assert [o["traceback"] for o in outputs if o["msg_type"] == "error"] == [["KeyboardInterrupt"]]
         after = kc.execute_interactive("%%mlx --max-tokens 3 -o again\nagain", timeout=60, output_hook=lambda msg: None)
         assert after["content"]["status"] == "ok", after["content"]
         check = kc.execute_interactive(
@@ -199,7 +221,7 @@ def test_interrupting_the_kernel_cancels_the_generation_on_the_server(live):
         content = unknown["content"]
         assert content["status"] == "error" and content["ename"] == "UnknownModelError"
         assert len(content["traceback"]) == 1
-        assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
+        assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny, tiny-a, tiny-b" in content["traceback"][0]
         print(f"generation cancelled {cancelled_after:.2f}s after the interrupt", file=sys.stderr)
     finally:
         kc.stop_channels()
@@ -215,6 +237,11 @@ def test_the_quickstart_runs_standalone_on_an_engine_in_the_kernel(tmp_path):
         nb = run_notebook("quickstart.ipynb", km)
         output = text_of(nb)
         assert "models served by this kernel (local engine)" in output
+        # The default model answers the quickstart's questions in English, not gibberish.
+        answers = notebook_answers(nb)
+        assert len(answers) >= 6, answers
+        for question, answer in answers:
+            assert english_problems(answer, min_words=4, known_share=0.8) == [], (question, answer)
         worker = re.search(rf"{re.escape(DEFAULT_MODEL)}\s+idle\s+(\d+)", output)  # the notebook names no model
         assert worker, output[-2000:]
     finally:
@@ -257,7 +284,7 @@ def test_magics_use_an_explicit_server_and_list_its_models_on_an_unknown_one(
     assert [m["id"] for m in live.models()] == [TINY_A]
     result, out = run_cell(shell, "%%mlx -m tiny-z\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
-    assert "available: builtin:pydoc, builtin:tiny, tiny-a, tiny-b" in one_line(out)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny, tiny-a, tiny-b" in one_line(out)
 
 
 def test_a_refused_token_is_one_line_that_says_what_to_set(

@@ -9,21 +9,26 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 from IPython.core.error import UsageError
+from IPython.utils.capture import capture_output
+from markdown_it import MarkdownIt
 from traitlets import TraitError
 
+from mlx_jupyter.discovery import ENV_TOKEN, ENV_URL
 from mlx_jupyter.engine.models import DEFAULT_MODEL
 from mlx_jupyter.kernel import client as mlx_client
 from mlx_jupyter.kernel.arguments import interpolate
 from mlx_jupyter.kernel.client import ClientError, LocalClient, UnknownModelError
 from mlx_jupyter.kernel.magics import MLXMagics
-from mlx_jupyter.kernel.render import MLXResult, extract_code, final_bundle
+from mlx_jupyter.kernel.render import LiveAnswer, MLXResult, code_to_insert, extract_code, final_bundle
 from tests.helpers import run_cell as run
 from tests.helpers import wait_for
-from tests.models import LONG, TINY, TINY_A, TINY_B
+from tests.models import LONG, PYDOC, TINY, TINY_A, TINY_B
 
 
 def engine() -> LocalClient:
@@ -97,12 +102,38 @@ def test_interpolate_sends_nested_braces_of_json_and_code_as_written():
     assert interpolate("{{a}} is {a}", ns) == "{a} is 1"
 
 
-def test_code_format_inserts_the_code_as_a_new_cell(shell):
+def test_code_format_does_not_insert_prose_as_a_code_cell(shell):
+    # builtin:tiny's answer is random words: no fenced block, not Python.
     result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens 8 -f code\nHello")
     assert result.success, result.error_in_exec
-    code = shell.user_ns["_mlx"].value
-    assert code and shell.rl_next_input == code
-    assert out.outputs[-2].data["text/markdown"] == f"```\n{code}\n```"
+    answer = shell.user_ns["_mlx"]
+    assert answer.text.strip() and getattr(shell, "rl_next_input", None) is None
+    assert "no code" in out.outputs[-1].data["text/plain"]
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("Here:\n```python\nprint(1)\n```\nDone", "print(1)"),
+        ("```bash\nls -l\n```", "ls -l"),
+        ("x = [i * i for i in range(3)]", "x = [i * i for i in range(3)]"),
+        ("The with statement wraps a block.", None),
+        ("", None),
+    ],
+)
+def test_the_code_to_insert_is_a_fenced_block_or_an_answer_that_is_python(text, code):
+    assert code_to_insert(text) == code
+
+
+def test_json_that_falls_back_to_text_shows_the_answer_once_in_a_terminal(shell):
+    stdout = RecordedWrites()
+    with contextlib.redirect_stdout(stdout):
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens 12 -f json\nHello")
+    assert result.success, result.error_in_exec
+    answer = shell.user_ns["_mlx"]
+    assert answer.text.strip() and answer.value == answer.text
+    assert stdout.getvalue().count(answer.text) == 1, stdout.getvalue()
+    assert "not valid JSON" in stdout.getvalue()
 
 
 def test_json_format_renders_parsed_json_and_says_when_the_answer_is_not_json(shell):
@@ -122,6 +153,45 @@ def test_formats_map_to_mime_types():
     assert bundle("text", "*x*") == {"text/plain": "*x*"}
     assert bundle("markdown", "*x*")["text/markdown"] == "*x*"
     assert bundle("code", "Here:\n```python\nprint(1)\n```\nDone")["text/markdown"] == "```python\nprint(1)\n```"
+
+
+def test_markdown_keeps_python_identifiers_outside_code_intact():
+    text = (
+        "Override __init__ and accept *args, **kwargs; object.__init__() runs first.\n\n"
+        "**Note:** use *emphasis* and `__all__`.\n\n"
+        "```python\ndef f(*args, **kwargs):\n    return __name__\n```"
+    )
+    bundle = final_bundle(MLXResult(text=text, model=TINY, finish_reason="stop", format="markdown", value=text))
+    html = MarkdownIt("commonmark").render(bundle["text/markdown"])
+
+    for name in ("__init__", "*args", "**kwargs", "object.__init__()", "__all__"):
+        assert f"<code>{name}</code>" in html, html
+    assert "<strong>init</strong>" not in html
+    # The answer's own emphasis and its code block stay as written.
+    assert "<strong>Note:</strong>" in html and "<em>emphasis</em>" in html
+    assert "def f(*args, **kwargs):\n    return __name__" in html
+    assert bundle["text/plain"] == text
+
+
+def test_the_streamed_markdown_keeps_identifiers_intact_too(shell):
+    with capture_output() as captured:
+        LiveAnswer("markdown", True, 0).update("see __init__ and **kwargs")
+    assert captured.outputs[0].data["text/markdown"] == "see `__init__` and `**kwargs`"
+
+
+def test_a_completion_model_gets_the_cell_as_a_raw_prompt_and_a_chat_model_as_a_message(shell):
+    def prompt_tokens(cell: str) -> int:
+        result, _ = run(shell, cell)
+        assert result.success, result.error_in_exec
+        return shell.user_ns["_mlx"].usage["prompt_tokens"]
+
+    # builtin:pydoc is marked a completion model: the chat template's tokens are not added.
+    assert prompt_tokens(f"%%mlx -m {PYDOC} --max-tokens 1\nThe for statement") == prompt_tokens(
+        f"%%mlx -m {PYDOC} --raw --max-tokens 1\nThe for statement"
+    )
+    assert prompt_tokens(f"%%mlx -m {TINY} --max-tokens 1\nThe for statement") > prompt_tokens(
+        f"%%mlx -m {TINY} --raw --max-tokens 1\nThe for statement"
+    )
 
 
 def test_chat_keeps_the_conversation_until_reset(shell):
@@ -167,6 +237,18 @@ def test_bad_options_are_one_usage_error_and_the_kernel_keeps_working(shell, cel
     assert run(shell, "1 + 1")[0].result == 2
 
 
+@pytest.mark.parametrize("cell", ["%%mlx --help", "%%mlx -h\n", "%%mlx -m x --help\n  \n"])
+def test_help_with_an_empty_cell_body_shows_the_help(shell, cell):
+    result, out = run(shell, cell)
+    assert result.success, result.error_in_exec
+    assert "--max-tokens" in out.stdout and "--system" in out.stdout
+
+
+def test_an_empty_cell_body_without_help_is_still_a_usage_error(shell):
+    result, _ = run(shell, "%%mlx -m x\n")
+    assert isinstance(result.error_in_exec, UsageError) and "empty" in str(result.error_in_exec)
+
+
 def test_help_prints_and_does_not_exit(shell):
     result, out = run(shell, "%%mlx --help\nignored")
     assert result.success and "--max-tokens" in out.stdout and "--keep-alive" in out.stdout
@@ -204,11 +286,11 @@ def test_an_unknown_model_is_one_line_that_lists_the_available_ones(shell):
     result, out = run(shell, "%%mlx -m no-such-model\nhi")
     assert isinstance(result.error_in_exec, UnknownModelError)
     assert "unknown model 'no-such-model'" in str(result.error_in_exec)
-    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny" in str(result.error_in_exec)
     assert len(out.stdout.strip().splitlines()) == 1, out.stdout
     assert "Traceback" not in out.stdout
     result, out = run(shell, "%mlx load no-such-model")
-    assert "available: builtin:pydoc, builtin:tiny" in str(result.error_in_exec)
+    assert "available: builtin:pydoc, builtin:pydoc-chat, builtin:tiny" in str(result.error_in_exec)
     result, out = run(shell, "%mlx unload no-such-model")
     assert str(result.error_in_exec) == "model 'no-such-model' is not loaded; loaded: none"
 
@@ -281,21 +363,29 @@ def test_model_dirs_trait_makes_folder_models_loadable(shell, model_dir):
 
 
 def test_an_interrupt_cancels_the_generation_and_keeps_the_partial_answer(shell):
+    shell.run_line_magic("config", "MLXMagics.updates_per_second = 0")  # each chunk is shown at once
     client = engine()
     client.load(TINY)
     manager = client.manager
 
-    def interrupt_once_streaming():
-        if wait_for(lambda: manager.status()[0].active_requests == 1, timeout=30):
-            _thread.interrupt_main()
+    with capture_output() as out:
 
-    threading.Thread(target=interrupt_once_streaming, daemon=True).start()
-    result, out = run(shell, f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
+        def interrupt_once_some_text_is_shown():
+            if wait_for(lambda: len(out.outputs) >= 3, timeout=60):
+                _thread.interrupt_main()
+
+        threading.Thread(target=interrupt_once_some_text_is_shown, daemon=True).start()
+        result = shell.run_cell(f"%%mlx -m {TINY} --raw --max-tokens {LONG}\nHello")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert wait_for(lambda: manager.status()[0].active_requests == 0, timeout=5), "the generation was not cancelled"
     partial = shell.user_ns["_mlx"]
-    assert partial.finish_reason == "cancelled"
-    assert "interrupted" in out.outputs[-1].data["text/plain"]
+    assert partial.finish_reason == "cancelled" and partial.text
+    # The footer names the model and counts the tokens shown; "interrupted" is said once, no traceback.
+    footer = out.outputs[-1].data["text/plain"]
+    assert footer.startswith(f"{TINY} · {partial.tokens} tokens") and partial.tokens >= 2, footer
+    shown = out.stdout + "".join(o.data.get("text/plain", "") for o in out.outputs)
+    assert shown.count("interrupted") == 1, shown
+    assert "Traceback" not in out.stdout and "File " not in out.stdout, out.stdout
     result, _ = run(shell, f"%%mlx -m {TINY} --max-tokens 3\nagain")
     assert result.success and shell.user_ns["_mlx"].tokens == 3
 
@@ -340,3 +430,23 @@ def test_in_a_terminal_the_answer_is_printed_as_it_streams(shell):
     assert "".join(before_footer) == answer.text + "\n"
     assert len(before_footer) > 2, "the answer was printed in one piece, not as it streamed"
     assert f"[{TINY} · 12 tokens" in stdout.getvalue()
+
+
+def test_plain_ipython_answers_and_exits_without_a_crash_message(tmp_path):
+    script = (
+        "%load_ext mlx_jupyter\n"
+        "%config MLXMagics.server = 'local'\n"
+        f"%%mlx -m {TINY} --raw --max-tokens 3\nhello\n\n\n"
+        "exit\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (ENV_URL, ENV_TOKEN)}
+    env |= {"IPYTHONDIR": str(tmp_path / "ipython"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    argv = [sys.executable, "-m", "IPython", "--simple-prompt", "--no-banner", "--HistoryManager.enabled=False"]
+
+    proc = subprocess.run(argv, input=script, capture_output=True, text=True, timeout=300, env=env)
+
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert f"[{TINY} · 3 tokens" in output
+    # The worker stops with the interpreter; nothing reads like a crash.
+    assert not re.search(r"died|SIGKILL|Traceback|Error|Exception", output), output

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from mlx_jupyter.engine.errors import AllModelsBusyError, MemoryLimitError, ModelNotFoundError
-from tests.helpers import Latch, SpawnSpy, pid_alive, wait_for
+from tests.helpers import Latch, SpawnSpy, pid_alive, process_started_at, wait_for
 from tests.models import LONG, TINY, TINY_A, TINY_B
 
 
@@ -23,6 +23,15 @@ def test_generate_streams_text_then_a_final_chunk_with_usage_and_timings(make_ma
     assert set(final.timings) >= {"load_s", "ttft_s", "prompt_tps", "generation_tps", "peak_memory_bytes"}
     assert final.timings["load_s"] is not None, "the request that loaded the model reports the load time"
     assert "".join(c.text for c in chunks)
+
+
+def test_the_load_time_counts_starting_the_worker_process(make_manager):
+    # No warm spare: the request that loads the model starts the worker process, and waits for it.
+    manager = make_manager(warm_spare=False)
+    final = list(manager.stream_generate("x", model=TINY, max_tokens=1))[-1]
+    status = manager.status()[0]
+    process_age_when_loaded = status.loaded_at - process_started_at(status.pid)
+    assert final.timings["load_s"] >= process_age_when_loaded - 0.05, (final.timings, process_age_when_loaded)
 
 
 def test_seeded_generation_is_reproducible_and_greedy_matches_blocking(make_manager):

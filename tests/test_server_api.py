@@ -148,9 +148,10 @@ async def test_health_models_and_available_have_their_documented_shapes(jp_fetch
 
     available = ok_json(await get(jp_fetch, "mlx/api/models/available"))
     assert isinstance(available, list), "a bare list of loadable models"
-    assert all(set(m) == {"id", "source", "path", "size_bytes"} for m in available), available
+    assert all(set(m) == {"id", "source", "path", "size_bytes", "chat"} for m in available), available
     by_id = {m["id"]: m for m in available}
     assert by_id[TINY]["source"] == "builtin"
+    assert by_id[TINY]["chat"] is True and by_id["builtin:pydoc"]["chat"] is False
     assert by_id[TINY_A]["source"] == by_id[TINY_B]["source"] == "dir"
     assert by_id[TINY_A]["size_bytes"] > 0
     assert Path(by_id[TINY_A]["path"], "config.json").is_file()

@@ -30,6 +30,12 @@ _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# builtin:pydoc-chat's: an answer ends with the end-of-text token, the model's stop token.
+CHAT_TEMPLATE_EOS_ANSWERS = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{% if m['role'] == 'assistant' %}<|endoftext|>{% else %}<|end|>{% endif %}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 
 def write_tiny(folder: Path) -> None:
@@ -113,11 +119,14 @@ def llama_config(
     }
 
 
-def write_model_files(folder: Path, tokenizer: Tokenizer, config: dict[str, Any]) -> None:
+def write_model_files(
+    folder: Path, tokenizer: Tokenizer, config: dict[str, Any], chat_template: str | None = None
+) -> None:
     """Write everything but the weights: ``config.json`` and the tokenizer with its chat template."""
     _write_json(folder / "config.json", config)
     (folder / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", encoding="utf-8")
-    _write_json(folder / "tokenizer_config.json", _tokenizer_config(config["max_position_embeddings"]))
+    template = chat_template or _CHAT_TEMPLATE
+    _write_json(folder / "tokenizer_config.json", _tokenizer_config(config["max_position_embeddings"], template))
     _write_json(
         folder / "special_tokens_map.json",
         {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS},
@@ -163,7 +172,7 @@ def _save_weights(weights: dict[str, np.ndarray], path: Path) -> None:
     save_file(weights, str(path), metadata={"format": "mlx"})
 
 
-def _tokenizer_config(context: int) -> dict[str, Any]:
+def _tokenizer_config(context: int, chat_template: str) -> dict[str, Any]:
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": EOS,
@@ -173,7 +182,7 @@ def _tokenizer_config(context: int) -> dict[str, Any]:
         "additional_special_tokens": SPECIAL_TOKENS[1:],
         "model_max_length": context,
         "clean_up_tokenization_spaces": False,
-        "chat_template": _CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 

@@ -58,6 +58,8 @@ class Lifecycle:
         path: the record goes dead with an error its waiters share, and the worker is killed.
         """
         registry, settings, spec = self._registry, self._settings, record.spec
+        # The load time is what the request waited: starting the process (importing mlx) included.
+        started = time.perf_counter()
 
         def on_exit(w: WorkerProcess) -> None:
             self._exited(record, w)
@@ -86,7 +88,7 @@ class Lifecycle:
             with registry.change():
                 record.memory_bytes = int(loaded.get("memory_bytes") or 0)
                 record.context_length = loaded.get("context_length")
-                record.load_s = loaded.get("load_s")
+                record.load_s = time.perf_counter() - started
                 record.loaded_at = time.time()
                 lease = None
                 if record.state is State.STARTING:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,8 +21,8 @@ from mlx_jupyter.engine.errors import (
 )
 
 BUILTIN_PREFIX = "builtin:"
-# The model a request gets when it names none: trained, small, shipped in the package.
-DEFAULT_MODEL = "builtin:pydoc"
+# The model a request gets when it names none: trained to answer questions, small, shipped in the package.
+DEFAULT_MODEL = "builtin:pydoc-chat"
 
 _ID_RULES = "model ids are 'builtin:NAME', a folder name under model_dirs, or a Hugging Face repo id 'org/name'"
 _HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -51,16 +52,25 @@ class ModelSpec:
         path: Folder with ``config.json``, the weights and the tokenizer.
         source: ``"builtin"``, ``"dir"`` or ``"hf-cache"``.
         size_bytes: Sum of the weight files' sizes; used for memory accounting.
+        chat: Whether the model takes chat messages: it has a chat template and its
+            ``config.json`` does not mark it ``"completion_model": true``.
     """
 
     id: str
     path: Path
     source: str
     size_bytes: int
+    chat: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The shape of ``GET mlx/api/models/available`` entries."""
-        return {"id": self.id, "source": self.source, "path": str(self.path), "size_bytes": self.size_bytes}
+        return {
+            "id": self.id,
+            "source": self.source,
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "chat": self.chat,
+        }
 
 
 def cache_dir() -> Path:
@@ -88,18 +98,18 @@ def hf_hub_cache() -> Path:
 def builtin_model_path(name: str = "tiny") -> Path:
     """Return the folder of built-in model ``name``.
 
-    ``pydoc`` ships trained inside the package and is only read. ``tiny`` is
+    ``pydoc`` and ``pydoc-chat`` ship trained inside the package and are only read. ``tiny`` is
     built on first use in the cache, atomically: it is written to a temporary
     folder beside its final place and renamed; when another thread or process
     wins that race, its copy is used. Its folder name carries a version, so a
     changed recipe builds a fresh copy instead of reusing a stale one.
     """
-    if name == "pydoc":
-        target = PACKAGED_MODELS / "pydoc"
+    if name in _PACKAGED:
+        target = PACKAGED_MODELS / name
         if not (target / "config.json").is_file():
             raise ModelLoadError(
-                f"built-in model 'builtin:pydoc' is missing from the package ({target} has no config.json); "
-                "reinstall mlx-jupyter or regenerate it with scripts/train_builtin.py"
+                f"built-in model 'builtin:{name}' is missing from the package ({target} has no config.json); "
+                f"reinstall mlx-jupyter or regenerate it with scripts/{_PACKAGED[name]}"
             )
         return target
     if name not in _BUILTINS:
@@ -324,7 +334,24 @@ def _subfolders(folder: Path) -> Iterator[Path]:
 
 
 def _spec(model_id: str, path: Path, source: str) -> ModelSpec:
-    return ModelSpec(model_id, path, source, _weights_size(path))
+    return ModelSpec(model_id, path, source, _weights_size(path), _takes_chat(path))
+
+
+def _takes_chat(folder: Path) -> bool:
+    """A chat template (in ``tokenizer_config.json`` or a file of its own), and no completion mark."""
+    if _read_json(folder / "config.json").get("completion_model") is True:
+        return False
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    return bool(_read_json(folder / "tokenizer_config.json").get("chat_template"))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _weights_size(folder: Path) -> int:
@@ -337,8 +364,10 @@ def _describe_dirs(dirs: Sequence[Path]) -> str:
 
 
 # Built in the cache on first use: name -> (versioned folder name, writer); bump the
-# version when a recipe changes. "pydoc" ships trained in PACKAGED_MODELS instead.
+# version when a recipe changes.
 _BUILTINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "tiny": ("tiny-v2", write_tiny),
 }
-BUILTIN_NAMES = ("pydoc", "tiny")
+# Shipped trained in PACKAGED_MODELS: name -> the script that trains it.
+_PACKAGED = {"pydoc": "train_builtin.py", "pydoc-chat": "train_builtin_chat.py"}
+BUILTIN_NAMES = ("pydoc", "pydoc-chat", "tiny")

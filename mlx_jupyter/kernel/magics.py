@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import keyword
+import re
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -31,6 +32,7 @@ from mlx_jupyter.kernel.render import (
     LiveAnswer,
     MLXResult,
     available_table,
+    code_to_insert,
     extract_code,
     health_line,
     loaded_table,
@@ -51,6 +53,8 @@ LINE_HELP = """\
 %mlx help                        this help; %%mlx --help lists the cell options"""
 # Request fields whose %%mlx default is an MLXMagics trait (when it is set), else the host's.
 CELL_DEFAULTS = {"model": "default_model", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
+# The first line of a %%mlx cell.
+CELL_MAGIC = re.compile(r"%%mlx(\s|$)")
 # Each has its method, mlx_<name>.
 COMMANDS = ("list", "load", "unload", "status", "reset", "version", "help")
 
@@ -94,7 +98,8 @@ class MLXMagics(EngineSettings, Magics):
     chat_template = Bool(
         True,
         config=True,
-        help="Send the cell as a chat message (the model's chat template applies); False sends raw text, like --raw.",
+        help="Send the cell as a chat message (the model's chat template applies); False sends raw text, like "
+        "--raw. A model without a chat template, or marked a completion model, always gets raw text.",
     )
     max_history = Int(
         20, min=0, config=True, help="Messages of the --chat conversation sent with each turn (oldest dropped)."
@@ -114,8 +119,9 @@ class MLXMagics(EngineSettings, Magics):
     request_timeout = Float(600.0, config=True, help="Seconds a server call, or a pause in a stream, may take.")
 
     def __init__(self, shell: InteractiveShell, **kwargs: Any) -> None:
-        # Before the traits take their configured values: their observers reach the cache.
+        # Before the traits take their configured values: their observers reach the caches.
         self._clients = ClientCache(self._discover)
+        self._chat_models: dict[str, bool] = {}  # model id -> takes chat messages, as the host listed it
         super().__init__(shell, **kwargs)
         # A kernel-hosted engine's settings: these traits, followed as they change; only an
         # empty default_model means the engine's own default there.
@@ -136,6 +142,7 @@ class MLXMagics(EngineSettings, Magics):
     def close(self) -> None:
         """Close the client (a local engine stops its workers); the next call looks again."""
         self._clients.reset()
+        self._chat_models.clear()
 
     def _discover(self) -> MLXClient:
         return discover(Discovery(self.server, self.token, self.request_timeout, self.engine_settings))
@@ -143,6 +150,7 @@ class MLXMagics(EngineSettings, Magics):
     @observe(*DISCOVERY_TRAITS)
     def _discovery_changed(self, change: dict[str, Any]) -> None:
         self._clients.reset()  # the next call looks for its host again
+        self._chat_models.clear()
 
     # -- %mlx -------------------------------------------------------------------------
 
@@ -287,9 +295,12 @@ class MLXMagics(EngineSettings, Magics):
                     else:
                         live.update("".join(pieces))
         except KeyboardInterrupt:
-            # The stream is closed already: the host cancels the generation in the worker.
-            self._finish(live, args, request, "".join(pieces), {}, fmt, entries, note="interrupted")
-            raise
+            # The stream is closed already: the host cancels the generation in the worker. The
+            # footer says what was shown (a chunk is a token) and "interrupted"; the cell still
+            # fails, so Run All stops, but with one line instead of a traceback into the client.
+            shown = {"model": self._model_of(request), "usage": {"completion_tokens": len(pieces)}}
+            self._finish(live, args, request, "".join(pieces), shown, fmt, entries)
+            raise _quiet_interrupt() from None
         except UnknownModelError as exc:
             raise self._with_model_ids(exc) from None
         except ClientError:
@@ -299,6 +310,21 @@ class MLXMagics(EngineSettings, Magics):
         result = self._finish(live, args, request, "".join(pieces), final, fmt, entries)
         if args.chat and result.finish_reason != "cancelled":
             self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": result.text}]
+
+    def _takes_chat(self, model: str | None) -> bool:
+        """Whether ``model`` (None: the host's default) takes chat messages, as the host's list of
+        models says; a model it does not list gets them (the host then says what is wrong)."""
+        model = model or self.client.health()["default_model"]
+        if model not in self._chat_models:
+            self._chat_models.update({m["id"]: bool(m.get("chat", True)) for m in self.client.available()})
+        return self._chat_models.get(model, True)
+
+    def _model_of(self, request: dict[str, Any]) -> str:
+        """The model a request went to: its own, else the host's default (empty if the host cannot say)."""
+        try:
+            return request.get("model") or self.client.health()["default_model"]
+        except (ClientError, KeyError):
+            return ""
 
     def _request(self, args: argparse.Namespace, text: str) -> dict[str, Any]:
         # Each request option, else this instance's trait of that name (MLXMagics.max_tokens,
@@ -325,7 +351,7 @@ class MLXMagics(EngineSettings, Magics):
             if history and history[0]["role"] == "assistant":
                 history = history[1:]  # an odd max_history cut a turn; strict chat templates need user first
             request["messages"] = [*system, *history, {"role": "user", "content": text}]
-        elif args.raw or not self.chat_template:
+        elif args.raw or not self.chat_template or not self._takes_chat(request.get("model")):
             request["prompt"] = f"{args.system}\n\n{text}" if args.system else text
         else:
             system = [{"role": "system", "content": args.system}] if args.system else []
@@ -360,23 +386,51 @@ class MLXMagics(EngineSettings, Magics):
                 result.value = parse_json(text)
             except ValueError as exc:
                 note = note or f"not valid JSON ({exc}); shown as text"
-        elif fmt == "code":
+        code = None
+        if fmt == "code":
             result.value = extract_code(text)[0]
+            code = code_to_insert(text)
+            if code is None and not note:
+                note = "no code in the answer: no cell inserted"
         live.finish(result, note)
-        if fmt == "code" and result.value and not note:
-            self.shell.set_next_input(result.value, replace=False)
+        if code and not note:
+            self.shell.set_next_input(code, replace=False)
         self.shell.user_ns["_mlx"] = result
         if args.output:
             self.shell.user_ns[args.output] = result
         return result
 
 
+def _quiet_interrupt() -> KeyboardInterrupt:
+    """A KeyboardInterrupt that IPython shows as its name alone (``_render_traceback_``), no traceback."""
+    exc = KeyboardInterrupt()
+    exc._render_traceback_ = lambda: ["KeyboardInterrupt"]  # type: ignore[attr-defined]
+    return exc
+
+
+def help_without_body(lines: list[str]) -> list[str]:
+    """An input transformer: ``%%mlx --help`` with an empty body gets a blank body line.
+
+    IPython refuses a cell magic whose body is empty before the magic runs ("the cell body
+    is empty"), so without this the help option could not be reached that way.
+    """
+    if not lines or not CELL_MAGIC.match(lines[0]) or "".join(lines[1:]).strip():
+        return lines
+    if not {"-h", "--help"}.intersection(lines[0].split()[1:]):
+        return lines
+    return [lines[0].rstrip("\n") + "\n", "\n"]
+
+
 def load_ipython_extension(shell: InteractiveShell) -> None:
     """``%load_ext mlx_jupyter``: register the magics (the client is found on first use)."""
     shell.register_magics(MLXMagics)
+    if help_without_body not in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.append(help_without_body)
 
 
 def unload_ipython_extension(shell: InteractiveShell) -> None:
+    if help_without_body in shell.input_transformers_cleanup:
+        shell.input_transformers_cleanup.remove(help_without_body)
     magics = shell.magics_manager.registry.get("MLXMagics")
     if magics is not None:
         magics.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import sys
@@ -15,6 +16,7 @@ from IPython.display import DisplayHandle, display
 from mlx_jupyter.kernel.client import MLXClient
 from mlx_jupyter.kernel.labels import countdown_text, state_label
 from mlx_jupyter.kernel.logprobs_view import logprobs_bundle, logprobs_html, logprobs_table
+from mlx_jupyter.kernel.markdown import protect_identifiers
 
 FORMATS = ("markdown", "text", "code", "json", "html")
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:\n```|\Z)", re.DOTALL)
@@ -84,7 +86,7 @@ class MLXResult:
         return self.text
 
     def _repr_markdown_(self) -> str:
-        return self.text
+        return protect_identifiers(self.text)
 
     def _repr_html_(self) -> str | None:
         return logprobs_html(self.logprobs) if self.logprobs is not None else None
@@ -96,6 +98,21 @@ def extract_code(text: str) -> tuple[str, str]:
     if match is None:
         return text.strip(), ""
     return match.group(2).strip(), match.group(1)
+
+
+def code_to_insert(text: str) -> str | None:
+    """The code ``-f code`` puts in a new cell: the first fenced block, else the whole answer if it
+    is Python that does something; None for prose (an answer of bare words parses as names)."""
+    if _FENCE.search(text):
+        return extract_code(text)[0] or None
+    code = text.strip()
+    try:
+        statements = ast.parse(code).body
+    except SyntaxError:
+        return None
+    if all(isinstance(s, ast.Expr) and isinstance(s.value, (ast.Name, ast.Constant)) for s in statements):
+        return None
+    return code
 
 
 def parse_json(text: str) -> Any:
@@ -136,7 +153,7 @@ class LiveAnswer:
         self.last_update = now
         bundle = {"text/plain": text}
         if self.fmt == "markdown":
-            bundle["text/markdown"] = text
+            bundle["text/markdown"] = protect_identifiers(text)
         if self.handle is None:
             self.handle = display(bundle, raw=True, display_id=True)
         else:
@@ -148,8 +165,14 @@ class LiveAnswer:
         if self.terminal:
             if self.printed:
                 print()
-            if not self.printed or result.format in ("json", "code"):
-                print(result.value if result.format == "json" else result.text)
+            # What streamed is the answer as text; print again only what differs from it.
+            final = str(result.value or "")
+            if result.format == "json" and result.value is not result.text:  # parsed, not the text fallback
+                final = json.dumps(result.value, indent=2)
+            if not self.printed:
+                print(final if result.format in ("json", "code") else result.text)
+            elif result.format in ("json", "code") and final.strip() != result.text.strip():
+                print(final)
             if result.logprobs is not None:
                 print(logprobs_table(result.logprobs))
             print(f"[{footer}]")
@@ -169,7 +192,7 @@ def final_bundle(result: MLXResult) -> dict[str, Any]:
     if result.logprobs is not None:  # the token view replaces the format's rendering; value still follows it
         return logprobs_bundle(text, result.logprobs)
     if result.format == "markdown":
-        return {"text/markdown": text, "text/plain": text}
+        return {"text/markdown": protect_identifiers(text), "text/plain": text}
     if result.format == "html":
         return {"text/html": text, "text/plain": text}
     if result.format == "code":

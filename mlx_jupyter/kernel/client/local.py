@@ -32,6 +32,10 @@ class LocalClient(MLXClient):
         self._manager: WorkerManager | None = None
         self._lock = threading.Lock()  # guards the lazy start only; never held across engine calls
         atexit.register(self.close)
+        # At interpreter exit the engine's spawner threads end before atexit handlers run, and a
+        # worker dies with the thread that started it (PR_SET_PDEATHSIG): its death would be
+        # reported as a crash. threading's own exit hooks run first, while those threads live.
+        threading._register_atexit(self.close)  # type: ignore[attr-defined]
 
     @property
     def is_local(self) -> bool:
