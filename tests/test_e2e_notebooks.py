@@ -162,13 +162,14 @@ def test_interrupted_cell_keeps_its_answer_and_shows_no_traceback(page, lab):
     outputs = outputs_of(page, "%%mlx -f text")
     assert wait_for(lambda: len(outputs.inner_text()) > 20, timeout=60, interval=0.25), "no answer streamed"
     page.click(".jp-NotebookPanel-toolbar [data-jp-item-name='interrupt'] button")  # the stop button (■)
-    footer = outputs.locator(".jp-OutputArea-output").last
-    assert wait_for(lambda: "interrupted" in footer.inner_text(), timeout=60, interval=0.25), outputs.inner_text()
+    footer = outputs.locator(".jp-OutputArea-output").filter(has_text="interrupted")
+    assert wait_for(lambda: footer.count() == 1, timeout=60, interval=0.25), outputs.inner_text()
     text = outputs.inner_text()
     assert text.count("interrupted") == 1, text
     assert footer.inner_text().startswith(TINY), footer.inner_text()
-    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
-    assert page.locator(STDERR).count() == 0
+    # The cell still fails, so Run All stops there: with one line, not a traceback into the client.
+    assert "Traceback" not in text and "http.client" not in text and text.count("KeyboardInterrupt") <= 1, text
+    assert [e.inner_text().strip() for e in page.locator(STDERR).all()] in ([], ["KeyboardInterrupt"])
     shot(page, "13-interrupted-cell")
 
 
