@@ -280,27 +280,34 @@ def _greedy_samples(folder: Path, max_tokens: int = 40) -> dict[str, str]:
 def _model_card(info: dict[str, Any], folder: Path) -> str:
     template = (Path(__file__).parent / "builtin_model_card.md").read_text(encoding="utf-8")
     recipe = info["recipe"]
-    final = info["history"][-1]
     samples = "\n\n".join(f"```text\n{p}{t}\n```" for p, t in info["samples"].items())
     return template.format(
-        **info["data"],
+        **card_fields(info, folder),
         held_out_names=", ".join(info["data"]["held_out_topics"]),
-        python=info["python"],
-        mlx=info["mlx"],
-        mlx_lm=info["mlx_lm"],
-        load_start=info["load_average"][0],
-        load_end=info["load_average"][1],
-        parameters=f"{info['parameters']:,}",
-        size_mb=f"{(folder / 'model.safetensors').stat().st_size / 1e6:.1f}",
-        hardware=info["hardware"],
-        train_minutes=f"{info['train_seconds'] / 60:.1f}",
-        train_loss=f"{final['train_loss']:.2f}",
-        held_out_loss=f"{final['held_out_loss']:.2f}",
         tokens_seen=f"{recipe['steps'] * recipe['batch_size'] * recipe['seq_len']:,}",
-        recipe=json.dumps(recipe, indent=2),
         samples=samples,
-        **{f"r_{k}": v for k, v in recipe.items()},
     )
+
+
+def card_fields(info: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What every built-in model's card says of its run, from its ``training.json`` record."""
+    recipe, final = info["recipe"], info["history"][-1]
+    return {
+        **info["data"],
+        "python": info["python"],
+        "mlx": info["mlx"],
+        "mlx_lm": info["mlx_lm"],
+        "load_start": info["load_average"][0],
+        "load_end": info["load_average"][1],
+        "parameters": f"{info['parameters']:,}",
+        "size_mb": f"{(folder / 'model.safetensors').stat().st_size / 1e6:.1f}",
+        "hardware": info["hardware"],
+        "train_minutes": f"{info['train_seconds'] / 60:.1f}",
+        "train_loss": f"{final['train_loss']:.2f}",
+        "held_out_loss": f"{final['held_out_loss']:.2f}",
+        "recipe": json.dumps(recipe, indent=2),
+        **{f"r_{k}": v for k, v in recipe.items()},
+    }
 
 
 def use_fast_blas() -> None:

@@ -41,6 +41,7 @@ from train_builtin import (
     BLAS_ENV,
     HELD_OUT_EVERY,
     Recipe,
+    card_fields,
     held_out_topic_names,
     make_optimizer,
     use_fast_blas,
@@ -449,8 +450,7 @@ def _evaluate(folder: Path, sets: dict[str, list[Pair]]) -> dict[str, Any]:
 
 def _model_card(info: dict[str, Any], folder: Path) -> str:
     template = (Path(__file__).parent / "builtin_chat_model_card.md").read_text(encoding="utf-8")
-    recipe = info["recipe"]
-    first, final = info["history"][0], info["history"][-1]
+    first = info["history"][0]
     evaluation = info["samples"]
     sets = [k for k in evaluation if k != "self"]
     scores = "\n".join(f"| {k} | {len(evaluation[k]['questions'])} | {evaluation[k]['mean_f1']:.2f} |" for k in sets)
@@ -458,22 +458,10 @@ def _model_card(info: dict[str, Any], folder: Path) -> str:
         f"### {k}\n\n" + "\n\n".join(_sample(r) for r in evaluation[k]["questions"][:SAMPLES_SHOWN]) for k in sets
     )
     return template.format(
-        **info["data"],
+        **card_fields(info, folder),
         held_out_topic_names=", ".join(info["data"]["held_out_topics"]),
         base_sha=info["base"]["sha256"][:16],
-        python=info["python"],
-        mlx=info["mlx"],
-        mlx_lm=info["mlx_lm"],
-        load_start=info["load_average"][0],
-        load_end=info["load_average"][1],
-        parameters=f"{info['parameters']:,}",
-        size_mb=f"{(folder / 'model.safetensors').stat().st_size / 1e6:.1f}",
-        hardware=info["hardware"],
-        train_minutes=f"{info['train_seconds'] / 60:.1f}",
         first_held_out_loss=f"{first['held_out_loss']:.2f}",
-        train_loss=f"{final['train_loss']:.2f}",
-        held_out_loss=f"{final['held_out_loss']:.2f}",
-        recipe=json.dumps(recipe, indent=2),
         scores=scores,
         eval_max_tokens=EVAL_MAX_TOKENS,
         samples=samples,
@@ -482,7 +470,6 @@ def _model_card(info: dict[str, Any], folder: Path) -> str:
         self_reference=SELF_ANSWER,
         name_questions="; ".join(NAME_QUESTIONS),
         topic_questions="; ".join(TOPIC_QUESTIONS),
-        **{f"r_{k}": v for k, v in recipe.items()},
     )
 
 
