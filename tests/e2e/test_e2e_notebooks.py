@@ -3,10 +3,8 @@ cell, and the panel and magics in Jupyter Notebook 7."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import shutil
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,14 +13,12 @@ from tests.browser import (
     PANEL,
     ROOT,
     command,
-    launch_chromium,
     notebook_root,
     open_and_run,
     open_page,
     outputs_of,
     seconds_left,
     shot,
-    start_lab,
     write_notebook,
 )
 from tests.helpers import wait_for
@@ -33,30 +29,6 @@ DASHBOARD_CELL = "from mlx_jupyter.kernel.widgets import ModelDashboard\nModelDa
 STDERR = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (scripts/setup.sh installs it)")
-
-
-@pytest.fixture
-def jp_asyncio_loop():
-    """pytest-jupyter's loop fixture would close Playwright's running loop: give it its own."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def jp_server_cleanup():
-    """No in-process ServerApp here to clean up (the server is a subprocess)."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[LiveServer]:
-    yield from start_lab(tmp_path_factory.mktemp("lab"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_chromium()
 
 
 @pytest.fixture

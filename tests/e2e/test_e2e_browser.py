@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,7 +13,6 @@ from tests.browser import (
     LONG_ID,
     PANEL,
     command,
-    launch_chromium,
     open_page,
     open_panel,
     row,
@@ -30,30 +27,6 @@ from tests.models import LONG, TINY, TINY_A, TINY_B
 STATUS = ".mlx-status-item"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (scripts/setup.sh installs it)")
-
-
-@pytest.fixture
-def jp_asyncio_loop():
-    """pytest-jupyter's loop fixture would close Playwright's running loop: give it its own."""
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture
-def jp_server_cleanup():
-    """No in-process ServerApp here to clean up (the server is a subprocess)."""
-    yield
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory) -> Iterator[LiveServer]:
-    yield from start_lab(tmp_path_factory.mktemp("lab"))
-
-
-@pytest.fixture(scope="module")
-def browser():
-    yield from launch_chromium()
 
 
 @pytest.fixture
