@@ -35,3 +35,25 @@ def test_absent_and_null_fields_take_their_defaults_and_unknown_fields_are_refus
     with pytest.raises(InvalidRequestError, match=r"unknown fields \['max_length'\]") as info:
         GenerationRequest.parse({"prompt": "hi", "max_length": 3})
     assert info.value.param == "max_length"
+
+
+BAD_TOKEN_IDS = {
+    "superscript_digit": "²",
+    "arabic_digit": "٣",
+    "eleven_digits": "1" * 11,
+    "past_int32_text": str(2**31),
+    "past_int32": 2**31,
+    "negative": -1,
+    "5001_digits": 10**5000,
+    "fraction": "1.5",
+    "space": " 7",
+    "bool": True,
+}
+
+
+@pytest.mark.parametrize("key", BAD_TOKEN_IDS.values(), ids=BAD_TOKEN_IDS.keys())
+def test_a_logit_bias_key_that_is_no_token_id_is_refused_by_name(key):
+    with pytest.raises(InvalidRequestError, match="logit_bias") as raised:
+        GenerationRequest.parse({"prompt": "hi", "logit_bias": {key: 1}})
+    assert raised.value.param == "logit_bias"
+    assert GenerationRequest.parse({"prompt": "hi", "logit_bias": {"7": 1, 8: -1}}).logit_bias == {7: 1.0, 8: -1.0}

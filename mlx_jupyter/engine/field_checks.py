@@ -124,10 +124,26 @@ def logit_bias(name: str, value: Any, limits: Limits) -> dict[int, float]:
     bias = number(-100.0, 100.0)
     out = {}
     for token, weight in value.items():
-        if isinstance(token, bool) or not (isinstance(token, int) or (isinstance(token, str) and token.isdigit())):
-            raise InvalidRequestError(f"{name} keys must be token ids (integers), not {show(token)}", param=name)
-        out[int(token)] = bias(f"{name}[{token}]", weight, limits)
+        token_id = _token_id(name, token)
+        out[token_id] = bias(f"{name}[{token_id}]", weight, limits)
     return out
+
+
+MAX_TOKEN_ID = 2**31 - 1  # what an mx.array of ids holds
+
+
+def _token_id(name: str, token: Any) -> int:
+    """A token id from a JSON object key (ASCII digits) or an integer."""
+    digits = isinstance(token, str) and token.isascii() and token.isdigit() and len(token) <= 10
+    if isinstance(token, bool) or not (isinstance(token, int) or digits):
+        raise InvalidRequestError(f"{name} keys must be token ids (integers), not {show(token)}", param=name)
+    if not 0 <= int(token) <= MAX_TOKEN_ID:
+        raise InvalidRequestError(
+            f"{name} names token {show(int(token))}; token ids are from 0 to {MAX_TOKEN_ID}",
+            param=name,
+            limit=MAX_TOKEN_ID,
+        )
+    return int(token)
 
 
 def keep_alive(name: str, value: Any, limits: Limits) -> float | None:

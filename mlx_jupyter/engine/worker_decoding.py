@@ -122,7 +122,11 @@ class Decoder:
             self.commands.error(rid, "model_load_failed", f"{type(exc).__name__}: {exc}")
             return
         self.context_length = config.get("max_position_embeddings") or None
-        self.vocab_size = int(config.get("vocab_size") or 0)
+        # The scores' width: a multimodal model's config has it in its text_config; else the tokenizer's.
+        text_config = config.get("text_config") or {}
+        self.vocab_size = int(
+            config.get("vocab_size") or text_config.get("vocab_size") or len(self.tokenizer.get_vocab())
+        )
         self.kind = lm.tokenizer_kind(self.tokenizer)
         self.spell = TokenBytes(self.tokenizer.convert_ids_to_tokens, self.kind, self.tokenizer.decode)
         if lm.can_batch(self.model):
@@ -191,7 +195,7 @@ class Decoder:
             )
             return
         outside = sorted(int(t) for t in msg.get("logit_bias") or {} if not 0 <= int(t) < self.vocab_size)
-        if self.vocab_size and outside:
+        if outside:
             self.commands.error(
                 rid,
                 "invalid_request",
@@ -217,7 +221,7 @@ class Decoder:
 
     def _sampler(self, msg: dict[str, Any]) -> Any:
         top_k = int(msg.get("top_k", 0))
-        if self.vocab_size and top_k >= self.vocab_size:  # every token is among the top k: no filter
+        if top_k >= self.vocab_size:  # every token is among the top k: no filter
             top_k = 0
         key = (float(msg.get("temperature", 0.0)), float(msg.get("top_p", 1.0)), top_k, float(msg.get("min_p", 0.0)))
         # Requests with equal parameters share one sampler object, which lets the batch
@@ -261,20 +265,32 @@ class Decoder:
             return
         for r in responses:
             stream = self.running[r.uid]
-            stream.generated += 1
-            if stream.first_at is None:
-                stream.first_at = time.perf_counter()
-            text, stopped = stream.stopper.feed(self._text(stream, r.token, r.finish_reason))
-            # One frame per token even when its text is held back (a partial UTF-8
-            # character, a possible stop string): the parent's deadlines count tokens.
-            self.send_token(stream, text, r.token, r.logprobs)
-            if stopped:
-                self.batch.remove([r.uid])
-                self.finish(self.running.pop(r.uid), "stop")
-            elif r.finish_reason is not None:
-                if tail := stream.stopper.flush():
-                    self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
-                self.finish(self.running.pop(r.uid), r.finish_reason)
+            try:
+                self.deliver(r, stream)
+            except Exception as exc:  # one request's token (its text, its logprobs) fails that request alone
+                log.exception("request %s failed", stream.rid)
+                if self.running.pop(r.uid, None) is not None:
+                    if r.finish_reason is None:
+                        self.batch.remove([r.uid])
+                    self.commands.error(stream.rid, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def deliver(self, r: Any, stream: _Stream) -> None:
+        """Send one batch row's new token to its request, and end the request if it is done."""
+        assert self.batch is not None
+        stream.generated += 1
+        if stream.first_at is None:
+            stream.first_at = time.perf_counter()
+        text, stopped = stream.stopper.feed(self._text(stream, r.token, r.finish_reason))
+        # One frame per token even when its text is held back (a partial UTF-8
+        # character, a possible stop string): the parent's deadlines count tokens.
+        self.send_token(stream, text, r.token, r.logprobs)
+        if stopped:
+            self.batch.remove([r.uid])
+            self.finish(self.running.pop(r.uid), "stop")
+        elif r.finish_reason is not None:
+            if tail := stream.stopper.flush():
+                self.out.send({"type": p.T_TOKEN, "request_id": stream.rid, "text": tail})
+            self.finish(self.running.pop(r.uid), r.finish_reason)
 
     @staticmethod
     def _text(stream: _Stream, token: int, finish_reason: str | None) -> str:

@@ -283,6 +283,8 @@ class MLXMagics(EngineSettings, Magics):
         # not: the entries, joined over the stream, are the answer's tokens in order.
         entries: list[dict[str, Any]] | None = [] if request.get("logprobs") else None
         final: dict[str, Any] = {}
+        # Asked now, while the host answers: an interrupt may come because it stopped answering.
+        model = self._model_of(request)
         stream = client.generate(request)  # an unknown model is reported by the first next()
         try:
             with contextlib.closing(stream):
@@ -298,7 +300,7 @@ class MLXMagics(EngineSettings, Magics):
             # The stream is closed already: the host cancels the generation in the worker. The
             # footer says what was shown (a chunk is a token) and "interrupted"; the cell still
             # fails, so Run All stops, but with one line instead of a traceback into the client.
-            shown = {"model": self._model_of(request), "usage": {"completion_tokens": len(pieces)}}
+            shown = {"model": model, "usage": {"completion_tokens": len(pieces)}}
             self._finish(live, args, request, "".join(pieces), shown, fmt, entries)
             raise _quiet_interrupt() from None
         except UnknownModelError as exc:
