@@ -101,18 +101,7 @@ class GenerationStream(Iterator[GenerationChunk]):
 
     def collect(self) -> GenerationResult:
         """The whole answer: every chunk's text and the final chunk's details."""
-        texts, logprobs, last = [], [], GenerationChunk("")
-        for last in self:
-            texts.append(last.text)
-            logprobs.extend(last.logprobs or ())
-        return GenerationResult(
-            model=self.model,
-            text="".join(texts),
-            finish_reason=last.finish_reason or "length",
-            usage=last.usage or {},
-            timings=last.timings or {},
-            logprobs=logprobs if self.request.logprobs else None,
-        )
+        return GenerationResult.of(self.model, list(self), self.request.logprobs)
 
     def __del__(self) -> None:
         held = self._held

@@ -57,6 +57,19 @@ class GenerationResult:
     timings: dict[str, Any] = field(default_factory=dict)
     logprobs: list[dict[str, Any]] | None = None
 
+    @classmethod
+    def of(cls, model: str, chunks: list[GenerationChunk], logprobs: bool) -> GenerationResult:
+        """The answer ``chunks`` make: their text, the last chunk's details, and (if asked) every entry."""
+        last = chunks[-1] if chunks else GenerationChunk("")
+        return cls(
+            model=model,
+            text="".join(c.text for c in chunks),
+            finish_reason=last.finish_reason or "length",
+            usage=last.usage or {},
+            timings=last.timings or {},
+            logprobs=[e for c in chunks for e in c.logprobs or ()] if logprobs else None,
+        )
+
 
 @dataclass
 class ModelStatus:

@@ -151,24 +151,13 @@ class GenerationHandler(MLXHandler):
 
     async def _collect(self, first: GenerationChunk, rest: AsyncIterator[GenerationChunk]) -> GenerationResult:
         """The whole answer; an engine error mid-answer keeps its status."""
-        texts, logprobs, final = [first.text], list(first.logprobs or ()), first
         try:
-            async for chunk in rest:
-                texts.append(chunk.text)
-                logprobs.extend(chunk.logprobs or ())
-                final = chunk
+            chunks = [first, *[chunk async for chunk in rest]]
         except MLXError as exc:
             raise APIError.from_engine(exc) from exc
-        if final.finish_reason is None:  # cancelled: the client left, and nothing is answered
+        if chunks[-1].finish_reason is None:  # cancelled: the client left, and nothing is answered
             raise RuntimeError("the answer ended without its final chunk")
-        return GenerationResult(
-            model=self.model,
-            text="".join(texts),
-            finish_reason=final.finish_reason,
-            usage=final.usage or {},
-            timings=final.timings or {},
-            logprobs=logprobs if self.wants_logprobs else None,
-        )
+        return GenerationResult.of(self.model, chunks, self.wants_logprobs)
 
     def _record_usage(self, final: GenerationChunk | GenerationResult) -> None:
         model = self.model or self.manager.default_model
