@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 from tokenizers import Tokenizer
@@ -12,6 +13,7 @@ from mlx_jupyter.engine.errors import InvalidRequestError
 from mlx_jupyter.engine.models import builtin_model_path
 from mlx_jupyter.engine.token_logprobs import entry
 from mlx_jupyter.engine.token_text import TokenBytes
+from mlx_jupyter.engine.worker_decoding import MAX_SAMPLERS, Decoder
 from tests.helpers import run_concurrently
 from tests.models import PYDOC, TINY
 
@@ -175,3 +177,12 @@ def test_sentencepiece_pieces_spell_spaces_and_byte_tokens():
     assert [spell(t) for t in range(3)] == [b" Hello", b"\n", b"\xe2"]
     plain = TokenBytes(None, "plain", lambda ids: {5: "é"}[ids[0]])
     assert plain(5) == "é".encode()
+
+
+def test_the_workers_shared_samplers_are_bounded_however_many_temperatures_clients_send():
+    decoder = Decoder(SimpleNamespace(out=None))
+    decoder.vocab_size = 384
+    for i in range(3 * MAX_SAMPLERS):
+        decoder._sampler({"temperature": 0.5 + i / 1000})
+        assert len(decoder._samplers) <= MAX_SAMPLERS
+    assert decoder._sampler({"temperature": 0.7}) is decoder._sampler({"temperature": 0.7}), "equal requests share"

@@ -17,6 +17,8 @@ from mlx_jupyter.engine.token_text import TextStream, TokenBytes
 from mlx_jupyter.engine.worker_channel import Commands
 
 log = logging.getLogger("mlx_jupyter.worker")
+# Shared samplers kept, one per distinct (temperature, top_p, top_k, min_p); rows holding one keep it.
+MAX_SAMPLERS = 64
 
 
 class _Stream:
@@ -227,6 +229,8 @@ class Decoder:
         # Requests with equal parameters share one sampler object, which lets the batch
         # sample all of them in one call instead of row by row.
         if key not in self._samplers:
+            if len(self._samplers) >= MAX_SAMPLERS:  # clients that vary their temperature: start over
+                self._samplers.clear()
             self._samplers[key] = lm.sampler(*key)
         return self._samplers[key]
 
